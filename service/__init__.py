@@ -1,0 +1,1 @@
+"""CMT memory service: the online path and the model components it loads."""
