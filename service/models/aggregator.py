@@ -1,0 +1,108 @@
+"""ψ, the aggregator: a question's k tokens read the memories of the top-k relevant documents.
+
+Letters: B questions, N docs in a bank, K selected docs, k memory tokens, d_m memory width.
+
+Selection is by cosine of retrieval keys. The selected memories are concatenated
+[M^1; …; M^K] (K·k tokens) with two position signals: a slot embedding (where inside its memory
+a vector sits) and a recency embedding (rank of the document, 0 = newest), so that "rain on
+1 Feb, snow on 2 Feb" and the reverse give different M*, and a later report can win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from service.errors import InvalidInputError
+from service.models.attention import CrossAttentionBlock
+from service.models.config import AggregatorConfig
+
+
+@dataclass
+class Selection:
+    """Top-k documents per question; rows with fewer than top_k candidates are padded."""
+
+    indices: torch.Tensor  # (B, K) bank row of each selected doc, -1 where padded
+    scores: torch.Tensor  # (B, K) cosine of question key and doc key, -inf where padded
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.indices >= 0  # (B, K)
+
+
+def select_top_k(query_keys: torch.Tensor, bank_keys: torch.Tensor, top_k: int) -> Selection:
+    """Exact top-k by inner product of L2-normalised keys. K = min(top_k, N); an empty bank gives K=0."""
+    if query_keys.ndim != 2 or bank_keys.ndim != 2 or query_keys.shape[1] != bank_keys.shape[1]:
+        raise InvalidInputError(
+            f"keys must be (B, d) and (N, d) with the same d, got {tuple(query_keys.shape)} "
+            f"and {tuple(bank_keys.shape)}"
+        )
+    if not (query_keys.is_floating_point() and bank_keys.is_floating_point()):
+        raise InvalidInputError(f"keys must be floating point, got {query_keys.dtype} and {bank_keys.dtype}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInputError(f"top_k must be an integer >= 1, got {top_k!r}")
+    B, N = query_keys.shape[0], bank_keys.shape[0]
+    K = min(top_k, N)
+    if K == 0:
+        empty = torch.empty(B, 0, device=query_keys.device)
+        return Selection(indices=empty.long(), scores=empty)
+    scores = query_keys @ bank_keys.to(query_keys.dtype).T  # (B, N)
+    top = scores.topk(K, dim=1)  # (B, K)
+    return Selection(indices=top.indices, scores=top.values)
+
+
+def order_newest_first(selection: Selection, timestamps: torch.Tensor) -> Selection:
+    """Reorder each row's selected docs by time, newest first (padding stays at the end).
+
+    timestamps: (N,) float seconds (published_at, else received_at) of every bank row.
+    """
+    if selection.indices.shape[1] == 0:
+        return selection
+    ts = timestamps.to(selection.scores.device)[selection.indices.clamp(min=0)]  # (B, K)
+    ts = torch.where(selection.mask, ts, torch.full_like(ts, float("-inf")))  # (B, K)
+    order = ts.argsort(dim=1, descending=True, stable=True)  # (B, K)
+    return Selection(selection.indices.gather(1, order), selection.scores.gather(1, order))
+
+
+class Aggregator(nn.Module):
+    def __init__(self, config: AggregatorConfig, memory_dim: int, num_memory_tokens: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_memory_tokens = num_memory_tokens
+        self.slot_embedding = nn.Parameter(torch.randn(num_memory_tokens, memory_dim) * 0.02)
+        self.recency_embedding = nn.Parameter(torch.randn(config.max_docs, memory_dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(memory_dim, config.num_heads, config.dropout)
+            for _ in range(config.num_layers)
+        )
+        self.out_norm = nn.LayerNorm(memory_dim)
+
+    def forward(
+        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """question (B, k, d_m); memories (B, K, k, d_m) newest first; doc_mask (B, K) → M* (B, k, d_m).
+
+        Rows whose doc_mask is all False (empty bank) pass the question through; the caller then
+        gives the LLM no prefix for them.
+        """
+        B, K, k, d_m = memories.shape
+        if question.shape != (B, k, d_m) or doc_mask.shape != (B, K):
+            raise InvalidInputError(
+                f"shape mismatch: question {tuple(question.shape)}, memories {tuple(memories.shape)}, "
+                f"doc_mask {tuple(doc_mask.shape)}"
+            )
+        if not (question.is_floating_point() and memories.is_floating_point()):
+            raise InvalidInputError(f"question and memories must be floating point, got {question.dtype}, {memories.dtype}")
+        if K > self.config.max_docs:
+            raise InvalidInputError(f"{K} documents exceed the aggregator's max_docs={self.config.max_docs}")
+        if k != self.num_memory_tokens:
+            raise InvalidInputError(f"memories have {k} tokens, the aggregator expects {self.num_memory_tokens}")
+        ctx = memories + self.slot_embedding + self.recency_embedding[:K, None]  # (B, K, k, d_m)
+        ctx = ctx.reshape(B, K * k, d_m)  # (B, K·k, d_m)
+        ctx_mask = doc_mask.bool().repeat_interleave(k, dim=1)  # (B, K·k)
+        x = question + self.slot_embedding  # (B, k, d_m)
+        for block in self.blocks:
+            x = block(x, ctx, ctx_mask)
+        return self.out_norm(x)  # (B, k, d_m)

@@ -1,0 +1,146 @@
+"""The trainable trio (Θ, ψ, π) and the pipeline that joins it to a frozen LLM.
+
+Letters: B questions, N docs in a bank, K selected docs, k memory tokens, d_m memory width.
+
+    question ─► Θ ─► key ─► top-k over bank keys ─► memories newest first ─► ψ ─► M* ─► π ─► prefix
+                 └─► Θ(q) tokens ──────────────────────────────────────────┘             │
+    prompt "Question: …\nAnswer:" ─────────────────────────────► frozen LLM (prefix) ◄──┘
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from service.errors import InvalidInputError
+from service.models.aggregator import Aggregator, Selection, order_newest_first, select_top_k
+from service.models.aligner import Aligner
+from service.models.compressor import Compressed, Compressor
+from service.models.config import CMTConfig
+from service.models.llm import Generation, GenerationConfig, HFCausalLM
+from service.models.prefix import KVLayout, KVPrefix
+
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+class CMTModules(nn.Module):
+    """Θ, ψ, π: everything the trainer trains and a checkpoint holds."""
+
+    def __init__(self, config: CMTConfig, compressor: Compressor, layout: KVLayout) -> None:
+        super().__init__()
+        c = config.compressor
+        self.config = config
+        self.compressor = compressor
+        self.aggregator = Aggregator(config.aggregator, c.memory_dim, c.num_memory_tokens)
+        self.aligner = Aligner(config.aligner, layout, c.memory_dim, c.num_memory_tokens)
+
+    @classmethod
+    def build(cls, config: CMTConfig, layout: KVLayout) -> "CMTModules":
+        """Fresh modules around the backbone the config names (randomly initialised heads)."""
+        return cls(config, Compressor.from_backbone(config.compressor), layout)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compressor.device
+
+    def prefix(
+        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor
+    ) -> tuple[KVPrefix | None, torch.Tensor]:
+        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K).
+
+        Returns the prefix (None when no row has any memory) and has_memory (B,): rows without
+        memory get their prefix masked out, so the frozen LLM answers them alone.
+        """
+        has_memory = doc_mask.any(dim=1)  # (B,)
+        if not bool(has_memory.any()):
+            return None, has_memory
+        m_star = self.aggregator(question, memories, doc_mask)  # (B, k, d_m)
+        return self.aligner(m_star), has_memory
+
+
+@dataclass
+class Bank:
+    """An in-memory bank (tests, trainer evaluation); the service reads the same from Redis."""
+
+    memories: torch.Tensor  # (N, k, d_m)
+    keys: torch.Tensor  # (N, d_m)
+    timestamps: torch.Tensor  # (N,) seconds; newer is larger
+    ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        N = self.memories.shape[0]
+        if self.keys.shape[0] != N or self.timestamps.shape != (N,) or (self.ids and len(self.ids) != N):
+            raise InvalidInputError("bank memories, keys, timestamps and ids must have one row per document")
+        if not self.ids:
+            self.ids = [str(i) for i in range(N)]
+
+    @classmethod
+    def empty(cls, num_memory_tokens: int, memory_dim: int) -> "Bank":
+        return cls(torch.empty(0, num_memory_tokens, memory_dim), torch.empty(0, memory_dim), torch.empty(0))
+
+    def gather(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected memories (B, K, k, d_m) and doc_mask (B, K)."""
+        mask = selection.mask  # (B, K)
+        rows = selection.indices.clamp(min=0).to(self.memories.device)  # (B, K)
+        memories = self.memories[rows]  # (B, K, k, d_m)
+        return memories * mask[..., None, None].to(memories), mask
+
+
+@dataclass
+class Answer:
+    generation: Generation
+    source_ids: list[str]
+    scores: list[float]
+
+    @property
+    def text(self) -> str:
+        return self.generation.text
+
+
+class CMTPipeline:
+    """Θ/ψ/π plus a frozen LLM: compress documents, answer questions from a bank."""
+
+    def __init__(self, modules: CMTModules, llm: HFCausalLM, prompt_template: str = PROMPT_TEMPLATE) -> None:
+        if modules.aligner.layout != llm.layout:
+            raise InvalidInputError(f"aligner built for {modules.aligner.layout}, LLM needs {llm.layout}")
+        self.modules = modules.eval()
+        self.llm = llm
+        self.prompt_template = prompt_template
+
+    def compress(self, texts: Sequence[str], batch_size: int = 32) -> Compressed:
+        """Θ over texts in batches; memory (B, k, d_m), key (B, d_m)."""
+        parts = [self.modules.compressor.compress(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return Compressed(torch.cat([p.memory for p in parts]), torch.cat([p.key for p in parts]))
+
+    def prompts(self, questions: Sequence[str]) -> list[str]:
+        return [self.prompt_template.format(question=q) for q in questions]
+
+    @torch.inference_mode()
+    def answer(
+        self,
+        questions: Sequence[str],
+        bank: Bank,
+        top_k: int | None = None,
+        generation: GenerationConfig = GenerationConfig(),
+    ) -> list[Answer]:
+        top_k = top_k or self.modules.config.aggregator.top_k
+        q = self.compress(questions)  # memory (B, k, d_m), key (B, d_m)
+        selection = select_top_k(q.key, bank.keys.to(q.key.device), top_k)
+        selection = order_newest_first(selection, bank.timestamps)
+        memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
+        prefix, has_memory = self.modules.prefix(q.memory, memories.to(q.memory), doc_mask.to(q.memory.device))
+        gens = self.llm.generate(self.prompts(questions), prefix, has_memory if prefix is not None else None, generation)
+        answers = []
+        for b, gen in enumerate(gens):
+            valid = selection.mask[b]
+            answers.append(
+                Answer(
+                    gen,
+                    [bank.ids[i] for i in selection.indices[b][valid].tolist()],
+                    selection.scores[b][valid].tolist(),
+                )
+            )
+        return answers

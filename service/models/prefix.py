@@ -1,0 +1,102 @@
+"""The per-layer key/value prefix that carries memory into a frozen HF decoder.
+
+Letters: B batch, p prefix positions, H_kv key/value heads, hd head width, n prompt tokens.
+
+Facts this relies on (DESIGN.md §3): a fresh `DynamicCache` per request filled layer by layer;
+`attention_mask` must cover p + n positions, ones over the prefix (zeros switch the prefix off
+for a row exactly); keys in the cache count as already rotated; prompt positions start at p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from service.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What shape a prefix must have for one LLM."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_positions: int | None
+    """Position budget (GPT-2's absolute positions: the prefix uses p of them)."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> "KVLayout":
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_positions=getattr(config, "max_position_embeddings", None),
+        )
+
+    @property
+    def values_per_position(self) -> int:
+        """Numbers a prefix position adds across all layers, keys and values."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class KVPrefix:
+    """keys[l], values[l]: (B, H_kv, p, hd) for every attention layer l."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if not self.keys or len(self.keys) != len(self.values):
+            raise InvalidInputError("a KV prefix needs one key and one value per layer")
+        shape = self.keys[0].shape
+        for k, v in zip(self.keys, self.values):
+            if k.ndim != 4 or k.shape != shape or v.shape != shape:
+                raise InvalidInputError(
+                    f"every prefix key/value must be (B, H_kv, p, hd) of one shape, got "
+                    f"{tuple(k.shape)} / {tuple(v.shape)} against {tuple(shape)}"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def check_layout(self, layout: KVLayout) -> None:
+        _, H_kv, _, hd = self.keys[0].shape
+        if (len(self.keys), H_kv, hd) != (layout.num_layers, layout.num_kv_heads, layout.head_dim):
+            raise InvalidInputError(
+                f"prefix has {len(self.keys)} layers × {H_kv} kv heads × {hd} head dim; the LLM needs "
+                f"{layout.num_layers} × {layout.num_kv_heads} × {layout.head_dim}"
+            )
+
+    def repeat(self, times: int) -> "KVPrefix":
+        """Stack the batch `times` over (rows i, B+i, … share a prefix): the α pass pairs."""
+        return KVPrefix(
+            [k.repeat(times, 1, 1, 1) for k in self.keys], [v.repeat(times, 1, 1, 1) for v in self.values]
+        )
+
+    def to_cache(self, config: Any, dtype: torch.dtype | None = None) -> DynamicCache:
+        """A fresh cache for one forward/generate; the prefix tensors keep their autograd graph."""
+        cache = DynamicCache(config=config)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if dtype is not None:
+                k, v = k.to(dtype), v.to(dtype)
+            cache.update(k, v, layer)
+        return cache
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache) -> "KVPrefix":
+        """An LLM's own KV of a context as a prefix (the exactness reference)."""
+        return cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import tiny_llama
+from trainer.objectives import ObjectiveConfig, QABatch, qa_objective, self_matching_loss
+
+
+def _batch(paragraphs):
+    return QABatch(
+        documents=paragraphs[:3],
+        questions=["What is the first paragraph about?", "Which place is named?", "Who is mentioned?"],
+        answers=["a river", "Basel", "a king"],
+        timestamps=torch.tensor([1.0, 2.0, 3.0]),
+        distractors=paragraphs[3:5],
+    )
+
+
+def test_one_optimizer_step_changes_theta_psi_pi_and_leaves_every_llm_parameter_bit_identical(
+    make_modules, bpe_tokenizer, paragraphs
+):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = make_modules(llm)
+    llm_before = {n: p.detach().clone() for n, p in llm.model.named_parameters()}
+    trainable = {n: p for n, p in modules.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    assert not any(n.startswith("compressor.backbone.") for n in trainable), "frozen backbone by default"
+
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    terms = qa_objective(modules, llm, _batch(paragraphs), ObjectiveConfig(top_k=2, alpha=0.5))
+    terms.total.backward()
+    optimizer.step()
+
+    for part in ("compressor.", "aggregator.", "aligner."):
+        changed = [n for n in trainable if n.startswith(part) and not torch.equal(before[n], trainable[n])]
+        assert changed, f"no parameter of {part[:-1]} changed"
+    for name, param in llm.model.named_parameters():
+        assert torch.equal(param, llm_before[name]), f"LLM parameter {name} changed"
+        assert param.grad is None
+
+
+def test_loss_terms_are_finite_and_whole_bank_ablation_runs(make_modules, bpe_tokenizer, paragraphs):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = make_modules(llm)
+    terms = qa_objective(modules, llm, _batch(paragraphs), ObjectiveConfig(use_top_k=False, self_match_weight=0.0))
+    assert torch.isfinite(terms.total) and torch.equal(terms.total, terms.qa)
+    assert 0.0 <= terms.retrieval_hits <= 1.0
+
+
+def test_self_matching_rewards_matching_keys_and_separated_documents():
+    keys = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    aligned = self_matching_loss(keys, keys, lam=0.1)
+    shuffled = self_matching_loss(keys, keys.roll(1, dims=0), lam=0.1)
+    assert aligned < shuffled
+    collapsed = torch.nn.functional.normalize(torch.ones(4, 16), dim=-1)
+    assert self_matching_loss(collapsed, collapsed, lam=1.0) > self_matching_loss(keys, keys, lam=1.0)

@@ -1,0 +1,132 @@
+"""Training objectives of CMT (DESIGN.md §1), each switchable for ablations.
+
+Letters: B examples, K selected docs, k memory tokens, d_m memory width, T answer-target length,
+n prompt+answer tokens, V vocabulary.
+
+- QA loss: cross-entropy of the answer tokens through the frozen LLM with the aligned prefix
+  (question tokens and padding masked out).
+- Memory-aware objective: logits = (1+α)·l(y | M*, q) − α·l(y | q).
+- Self-matching: −cos(key(q_i), key(d_i)) + λ·log Σ_{j≠i} exp(−‖key(d_i) − key(d_j)‖²).
+- Top-k aggregation over the batch's documents plus distractors, with the gold document forced
+  into the selection (optional) so that early, random retrieval still lets ψ/π learn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from service.errors import InvalidInputError
+from service.models.aggregator import Selection, order_newest_first, select_top_k
+from service.models.cmt import PROMPT_TEMPLATE, CMTModules
+from service.models.llm import HFCausalLM
+
+
+@dataclass
+class QABatch:
+    documents: list[str]
+    """Gold document of each example (example i's answer is in documents[i])."""
+    questions: list[str]
+    answers: list[str]
+    timestamps: torch.Tensor | None = None
+    """(B,) document times (newer larger); None = all equal."""
+    distractors: Sequence[str] = ()
+    """Extra documents added to the bank the questions select from."""
+
+
+@dataclass
+class ObjectiveConfig:
+    top_k: int = 4
+    alpha: float = 0.0
+    """Memory-aware weight α (0 switches the objective off)."""
+    self_match_weight: float = 1.0
+    """Weight of the self-matching loss (0 switches it off)."""
+    self_match_lambda: float = 0.1
+    """λ of the repulsion term inside self-matching."""
+    force_gold: bool = True
+    """Put the gold document into the selection when top-k missed it."""
+    use_top_k: bool = True
+    """False = attend to the whole bank (the MAC-style ablation)."""
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    qa: torch.Tensor
+    self_match: torch.Tensor
+    retrieval_hits: float
+    """Share of examples whose gold document top-k selected by itself."""
+
+
+def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], template: str = PROMPT_TEMPLATE):
+    """Left-padded prompt+answer ids (B, n), mask (B, n), labels (B, n) with -100 outside answers."""
+    tok = llm.tokenizer
+    rows, label_rows = [], []
+    for q, a in zip(questions, answers, strict=True):
+        prompt = tok(template.format(question=q))["input_ids"]
+        target = tok(" " + a.strip())["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt + target)
+        label_rows.append([-100] * len(prompt) + target)
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        ids[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
+    return ids.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+
+
+def self_matching_loss(question_keys: torch.Tensor, doc_keys: torch.Tensor, lam: float) -> torch.Tensor:
+    """question_keys, doc_keys (B, d_m) L2-normalised; example i's gold doc is row i."""
+    attract = -(question_keys * doc_keys).sum(dim=-1)  # (B,) −cos
+    dist2 = torch.cdist(doc_keys, doc_keys).pow(2)  # (B, B)
+    others = ~torch.eye(len(doc_keys), dtype=torch.bool, device=doc_keys.device)  # (B, B)
+    repel = torch.logsumexp((-dist2).masked_fill(~others, float("-inf")), dim=1)  # (B,)
+    if len(doc_keys) < 2:
+        repel = torch.zeros_like(attract)
+    return (attract + lam * repel).mean()
+
+
+def _force_gold(selection: Selection, gold: torch.Tensor) -> Selection:
+    """Replace the lowest-scored pick by the gold row (B,) where top-k missed it."""
+    indices, scores = selection.indices.clone(), selection.scores.clone()
+    missed = ~(indices == gold[:, None]).any(dim=1)  # (B,)
+    indices[missed, -1] = gold[missed]
+    return Selection(indices, scores)
+
+
+def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: ObjectiveConfig) -> LossTerms:
+    B = len(batch.questions)
+    if not (B == len(batch.documents) == len(batch.answers)) or B == 0:
+        raise InvalidInputError("a QA batch needs as many documents, questions and answers, at least one")
+    compressor = modules.compressor
+    docs = compressor(compressor.tokenize(list(batch.documents) + list(batch.distractors)))  # (N, k, d_m)
+    questions = compressor(compressor.tokenize(batch.questions))  # (B, k, d_m)
+    N = docs.key.shape[0]
+    timestamps = torch.zeros(N) if batch.timestamps is None else torch.cat(
+        [batch.timestamps.float(), torch.full((N - B,), float("-inf"))]
+    )  # (N,)
+    gold = torch.arange(B, device=docs.key.device)  # (B,)
+
+    top_k = min(config.top_k, N) if config.use_top_k else N
+    selection = select_top_k(questions.key.detach(), docs.key.detach(), top_k)
+    hits = (selection.indices == gold[:, None]).any(dim=1).float().mean().item()
+    if config.force_gold and config.use_top_k:
+        selection = _force_gold(selection, gold)
+    selection = order_newest_first(selection, timestamps)
+    memories = docs.memory[selection.indices]  # (B, K, k, d_m)
+    prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask)
+
+    ids, mask, labels = answer_targets(llm, batch.questions, batch.answers)
+    logits = llm.forward_logits(ids, mask, prefix, has_memory)  # (B, n, V)
+    if config.alpha > 0:
+        with torch.no_grad():
+            bare = llm.forward_logits(ids, mask)  # (B, n, V)
+        logits = (1 + config.alpha) * logits - config.alpha * bare
+    qa = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    sm = self_matching_loss(questions.key, docs.key[:B], config.self_match_lambda)
+    total = qa + config.self_match_weight * sm if config.self_match_weight > 0 else qa
+    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits)
