@@ -1,0 +1,1 @@
+"""HTTP layer: schemas, routes, auth and the one place errors become HTTP responses."""

@@ -1,0 +1,91 @@
+"""`create_app(settings)`: the FastAPI app with a lifespan that opens Redis, loads the models,
+warms up, starts the batchers, and tears all of it down in reverse.
+
+    uvicorn --factory service.app:create_app      # settings from CMT_* environment variables
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.errors import error_response, install_error_handlers
+from service.api.routes import router
+from service.metrics import Metrics
+from service.runtime.ask import AskService, make_ask_batcher
+from service.runtime.engine import Engine
+from service.runtime.ingest import IngestService, make_compress_batcher
+from service.runtime.state import AppState
+from service.settings import Settings
+from service.storage.embedded import EmbeddedRedis
+from service.storage.index import VectorIndex
+from service.storage.redis_store import RedisMemoryStore
+from service.storage.sync import SyncedIndex
+
+log = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        embedded = None
+        url = settings.redis_url
+        if url is None:
+            embedded = await run_in_threadpool(
+                EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start
+            )
+            url = embedded.url
+            log.info("embedded redis at %s (AOF in %s)", url, settings.data_dir)
+        store = RedisMemoryStore(url, bank=settings.bank)
+        try:
+            engine = await run_in_threadpool(Engine.load, settings)
+            await run_in_threadpool(engine.warmup)
+            metrics.model_load_seconds.set(engine.load_seconds)
+            metrics.checkpoint.info({"compressor_version": engine.compressor_version,
+                                     "checkpoint": str(engine.checkpoint_dir), "llm": engine.llm.identity.name_or_path})
+            index = await run_in_threadpool(
+                SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
+            )
+            ingest = IngestService(engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings)
+            ask = AskService(engine, store, index, settings)
+            ask_batcher = make_ask_batcher(ask, settings, metrics.on_batch("ask"))
+            ingest.batcher.start()
+            ask_batcher.start()
+            app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, embedded)
+            log.info("ready: %d documents indexed", len(index))
+            yield
+            # Graceful shutdown: uvicorn has stopped accepting requests; queued work is finished.
+            await ask_batcher.close()
+            await ingest.batcher.close()
+            index.close()
+        finally:
+            store.close()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(title="CMT memory service", version="0.1.0", lifespan=lifespan,
+                  description="Compressed document memories for a frozen LLM (CMT, AAAI 2025).")
+    install_error_handlers(app)
+    app.include_router(router)
+    max_body = settings.max_batch_documents * settings.max_text_chars * 4 + 65_536
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body:
+            return error_response(413, "payload_too_large", f"request body over {max_body} bytes")
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - start)
+        return response
+
+    return app

@@ -1,0 +1,183 @@
+"""POST /ask: encode → retrieve → fetch → aggregate → align → generate, batched across requests.
+
+Letters: B questions in a batch, K most docs selected in it, k memory tokens, d_m memory width.
+
+Concurrent questions with the same generation settings are answered in one LLM call: every
+prefix has the same length p, so batching costs only left padding of the prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterator
+
+import torch
+
+from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
+from service.models.llm import Generation, GenerationConfig
+from service.runtime.batcher import MicroBatcher
+from service.runtime.engine import Engine
+from service.settings import Settings
+from service.storage.index import SearchHit
+from service.storage.redis_store import RedisMemoryStore
+from service.storage.sync import SyncedIndex
+
+STAGES = ("encode", "retrieve", "fetch", "aggregate", "align", "generate")
+
+
+@dataclass(frozen=True)
+class AskFilters:
+    source: tuple[str, ...] | None = None
+    published_from: datetime | None = None
+    published_to: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AskItem:
+    question: str
+    top_k: int
+    generation: GenerationConfig
+    filters: AskFilters = AskFilters()
+
+
+@dataclass
+class AskResult:
+    generation: Generation
+    sources: list[SearchHit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+@dataclass
+class AskService:
+    engine: Engine
+    store: RedisMemoryStore
+    index: SyncedIndex
+    settings: Settings
+
+    def item(
+        self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float, filters: AskFilters,
+        **sampling,
+    ) -> AskItem:
+        """Validate one request against the limits; clear 4xx errors."""
+        if not question.strip():
+            raise InvalidInputError("question must not be empty")
+        if len(question) > self.settings.max_question_chars:
+            raise PayloadTooLargeError(
+                f"question has {len(question)} characters; the limit is {self.settings.max_question_chars}"
+            )
+        top_k = self.engine.default_top_k if top_k is None else top_k
+        limit = min(self.settings.max_top_k, self.engine.max_top_k)
+        if not 1 <= top_k <= limit:
+            raise InvalidInputError(f"top_k must be between 1 and {limit}, got {top_k}")
+        max_new = self.settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= max_new <= self.settings.max_new_tokens:
+            raise InvalidInputError(f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}")
+        return AskItem(question, top_k, GenerationConfig(max_new_tokens=max_new, alpha=alpha, **sampling), filters)
+
+    # ---- stages (run in the batcher's thread) ------------------------------------------------
+
+    def _retrieve(self, keys: torch.Tensor, items: list[AskItem]) -> list[list[SearchHit]]:
+        if self.index.last_error is not None and len(self.index) == 0:
+            raise StorageUnavailableError(f"the memory index is not available: {self.index.last_error.message}")
+        return [
+            self.index.search(
+                keys[i], item.top_k, compressor_version=self.engine.compressor_version,
+                source=item.filters.source, published_from=item.filters.published_from,
+                published_to=item.filters.published_to,
+            )
+            for i, item in enumerate(items)
+        ]
+
+    def _fetch(self, hits: list[list[SearchHit]]) -> tuple[torch.Tensor, torch.Tensor, list[list[SearchHit]]]:
+        """Memories (B, K, k, d_m) newest first and doc_mask (B, K), in one Redis round trip.
+
+        A document deleted between search and fetch is a miss and simply left out.
+        """
+        ordered = [sorted(h, key=lambda x: (x.published_at or x.received_at, x.received_at), reverse=True) for h in hits]
+        ids = sorted({h.id for row in ordered for h in row})
+        stored = dict(zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version)))
+        kept = [[h for h in row if stored.get(h.id) is not None] for row in ordered]
+        B, K = len(kept), max((len(r) for r in kept), default=0)
+        k, d_m = self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim
+        memories = torch.zeros(B, K, k, d_m, dtype=torch.float16)  # (B, K, k, d_m)
+        mask = torch.zeros(B, K, dtype=torch.bool)  # (B, K)
+        for b, row in enumerate(kept):
+            for j, hit in enumerate(row):
+                memories[b, j] = stored[hit.id].memory
+                mask[b, j] = True
+        return memories, mask, kept
+
+    def answer_batch(self, items: list[AskItem]) -> list[AskResult]:
+        """All items share one GenerationConfig (the batcher groups by it)."""
+        t: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            t[stage] = 1e3 * (now - clock)
+            clock = now
+
+        questions = [it.question for it in items]
+        q = self.engine.encode_questions(questions)  # memory (B, k, d_m), key (B, d_m)
+        lap("encode")
+        hits = self._retrieve(q.key, items)
+        lap("retrieve")
+        memories, mask, hits = self._fetch(hits)
+        lap("fetch")
+        prefix, has_memory = None, mask.any(dim=1)
+        if bool(has_memory.any()):
+            m_star = self.engine.aggregate(q.memory, memories, mask)  # (B, k, d_m)
+            lap("aggregate")
+            prefix = self.engine.align(m_star)
+            lap("align")
+        else:
+            t["aggregate"] = t["align"] = 0.0
+        gens = self.engine.generate(questions, prefix, has_memory.to(self.engine.modules.device), items[0].generation)
+        lap("generate")
+        return [AskResult(g, h, dict(t), len(items)) for g, h in zip(gens, hits)]
+
+    def stream_one(self, item: AskItem) -> tuple[list[SearchHit], Iterator[str]]:
+        """Sources, then the answer's text pieces as they are generated (server-sent events)."""
+        q = self.engine.encode_questions([item.question])
+        memories, mask, hits = self._fetch(self._retrieve(q.key, [item]))
+        prefix = None
+        if bool(mask.any()):
+            prefix = self.engine.align(self.engine.aggregate(q.memory, memories, mask))
+        llm = self.engine.llm
+        steps = llm.stream(self.engine.prompts([item.question]), prefix, None, item.generation)
+
+        def pieces() -> Iterator[str]:
+            tokens: list[int] = []
+            sent = ""
+            for token in steps:
+                t = int(token[0])
+                if t in llm.eos_ids:
+                    return
+                tokens.append(t)
+                text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
+                stop = [text.find(s) for s in item.generation.stop_strings if s in text]
+                if stop:
+                    text = text[: min(stop)]
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+                if stop:
+                    return
+
+        return hits[0], pieces()
+
+
+def make_ask_batcher(service: AskService, settings: Settings, on_batch=None) -> MicroBatcher[AskItem, AskResult]:
+    return MicroBatcher(
+        service.answer_batch,
+        name="ask",
+        max_batch=settings.ask_batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        group_key=lambda item: item.generation,
+        on_batch=on_batch,
+    )

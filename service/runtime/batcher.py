@@ -1,0 +1,145 @@
+"""An asyncio micro-batcher: concurrent requests' items are grouped into one model call.
+
+Requests `submit` a list of items and await their results. A worker takes what is queued (up to
+`max_batch` items, waiting at most `max_wait_s` for more) and runs `fn` in its own thread, so the
+event loop keeps serving. The queue is bounded: when full, `submit` raises `OverloadedError`
+(503 + Retry-After) instead of growing memory. If a batch fails, each request of it is retried
+alone, so one bad request (a model error) fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
+
+from service.errors import OverloadedError
+
+I = TypeVar("I")
+O = TypeVar("O")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request(Generic[I, O]):
+    items: list[I]
+    future: asyncio.Future[list[O]]
+
+
+class MicroBatcher(Generic[I, O]):
+    def __init__(
+        self,
+        fn: Callable[[list[I]], list[O]],
+        *,
+        name: str,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        group_key: Callable[[I], Hashable] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.fn, self.name = fn, name
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.group_key = group_key
+        self.on_batch = on_batch
+        self._pending: list[_Request[I, O]] = []
+        self._queued_items = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued_items
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def submit(self, items: Sequence[I]) -> list[O]:
+        if self._closing:
+            raise OverloadedError(f"the {self.name} queue is shutting down; retry on another replica")
+        if self._queued_items + len(items) > self.max_queue:
+            raise OverloadedError(
+                f"the {self.name} queue is full ({self._queued_items} queued, limit {self.max_queue}); retry shortly",
+                details={"retry_after_s": 1},
+            )
+        request: _Request[I, O] = _Request(list(items), asyncio.get_running_loop().create_future())
+        self._pending.append(request)
+        self._queued_items += len(items)
+        self._wakeup.set()
+        return await request.future
+
+    def _take_batch(self) -> list[_Request[I, O]]:
+        """Requests for the next call: up to max_batch items, of one group when grouping."""
+        batch: list[_Request[I, O]] = []
+        size = 0
+        key = self.group_key(self._pending[0].items[0]) if self.group_key else None
+        rest: list[_Request[I, O]] = []
+        for req in self._pending:
+            same = key is None or self.group_key(req.items[0]) == key  # type: ignore[misc]
+            if same and (not batch or size + len(req.items) <= self.max_batch):
+                batch.append(req)
+                size += len(req.items)
+            else:
+                rest.append(req)
+        self._pending = rest
+        self._queued_items -= size
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._queued_items < self.max_batch and self.max_wait_s > 0 and not self._closing:
+                await asyncio.sleep(self.max_wait_s)  # let concurrent requests join the batch
+            batch = self._take_batch()
+            items = [item for req in batch for item in req.items]
+            start = loop.time()
+            try:
+                results = await loop.run_in_executor(self._executor, self.fn, items)
+            except Exception:
+                if len(batch) == 1:
+                    self._fail(batch[0])
+                    continue
+                log.warning("%s batch of %d requests failed; retrying them one by one", self.name, len(batch))
+                for req in batch:
+                    try:
+                        self._resolve(req, await loop.run_in_executor(self._executor, self.fn, req.items))
+                    except Exception:
+                        self._fail(req)
+                continue
+            if self.on_batch:
+                self.on_batch(len(items), loop.time() - start)
+            offset = 0
+            for req in batch:
+                self._resolve(req, results[offset : offset + len(req.items)])
+                offset += len(req.items)
+
+    @staticmethod
+    def _resolve(req: _Request[I, O], results: list[O]) -> None:
+        if not req.future.done():
+            req.future.set_result(results)
+
+    @staticmethod
+    def _fail(req: _Request[I, O]) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not req.future.done() and exc is not None:
+            req.future.set_exception(exc)
+
+    async def close(self) -> None:
+        """Stop accepting work, finish everything already queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)

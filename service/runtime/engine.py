@@ -1,0 +1,96 @@
+"""The models the service serves with: the frozen LLM and the Θ/ψ/π of one checkpoint.
+
+Letters: B questions, K selected docs, k memory tokens, d_m memory width.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from service.errors import CheckpointError
+from service.models.checkpoint import load_checkpoint
+from service.models.cmt import PROMPT_TEMPLATE, CMTModules
+from service.models.compressor import Compressed
+from service.models.llm import Generation, GenerationConfig, HFCausalLM
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Engine:
+    llm: HFCausalLM
+    modules: CMTModules
+    compressor_version: str
+    checkpoint_dir: Path
+    load_seconds: float
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Engine":
+        """LLM + checkpoint from the settings; with neither set, the cached demo models."""
+        start = time.perf_counter()
+        llm_path, checkpoint = settings.llm, settings.checkpoint
+        if llm_path is None and checkpoint is None:
+            from trainer.demo import ensure_demo_checkpoint  # built once, cached under demo_dir
+
+            llm_dir, checkpoint = ensure_demo_checkpoint(settings.demo_dir)
+            llm_path = str(llm_dir)
+        if llm_path is None or checkpoint is None:
+            raise CheckpointError("set both CMT_LLM and CMT_CHECKPOINT (or neither, for the demo models)")
+        llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype])
+        modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
+        engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start)
+        log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", llm_path, checkpoint,
+                 engine.compressor_version, engine.load_seconds)
+        return engine
+
+    @property
+    def num_memory_tokens(self) -> int:
+        return self.modules.config.compressor.num_memory_tokens
+
+    @property
+    def default_top_k(self) -> int:
+        return self.modules.config.aggregator.top_k
+
+    @property
+    def max_top_k(self) -> int:
+        return self.modules.config.aggregator.max_docs
+
+    def compress(self, texts: Sequence[str]) -> Compressed:
+        """Θ on CPU/GPU; memories come back on the CPU in fp16 (what is stored), keys in fp32."""
+        out = self.modules.compressor.compress(list(texts))
+        return Compressed(out.memory.to("cpu", torch.float16), out.key.to("cpu", torch.float32))
+
+    def encode_questions(self, questions: Sequence[str]) -> Compressed:
+        """Θ(q) kept on the model's device in fp32 (ψ reads its tokens)."""
+        return self.modules.compressor.compress(list(questions))
+
+    @torch.inference_mode()
+    def aggregate(self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+        """ψ: question (B, k, d_m), memories (B, K, k, d_m) newest first, doc_mask (B, K) → M* (B, k, d_m)."""
+        device = self.modules.device
+        return self.modules.aggregator(question.to(device), memories.to(device, torch.float32), doc_mask.to(device))
+
+    @torch.inference_mode()
+    def align(self, m_star: torch.Tensor):
+        return self.modules.aligner(m_star)
+
+    def prompts(self, questions: Sequence[str]) -> list[str]:
+        return [PROMPT_TEMPLATE.format(question=q) for q in questions]
+
+    def generate(self, questions: Sequence[str], prefix, has_memory, config: GenerationConfig) -> list[Generation]:
+        return self.llm.generate(self.prompts(questions), prefix, has_memory if prefix is not None else None, config)
+
+    def warmup(self) -> None:
+        """One tiny compress and answer, so the first user request does not pay for lazy init."""
+        q = self.encode_questions(["warm-up"])
+        self.generate(["warm-up"], None, None, GenerationConfig(max_new_tokens=1))
+        mem = q.memory[:, None]  # (1, 1, k, d_m)
+        self.align(self.aggregate(q.memory, mem, torch.ones(1, 1, dtype=torch.bool)))

@@ -1,0 +1,84 @@
+"""POST /documents: validate, skip what is already stored, compress through the batcher, store.
+
+A document is acknowledged only after its Redis write returned (and, with the embedded Redis,
+was fsynced to the AOF), so a response means durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import InvalidInputError, PayloadTooLargeError
+from service.runtime.batcher import MicroBatcher
+from service.runtime.engine import Engine
+from service.settings import Settings
+from service.storage import codec
+from service.storage.base import DocumentInput, MemoryWrite, PutResult, content_hash
+from service.storage.redis_store import RedisMemoryStore
+
+Compressed1 = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp32
+
+
+def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, Compressed1]:
+    def compress(texts: list[str]) -> list[Compressed1]:
+        out = engine.compress(texts)
+        return list(zip(out.memory.unbind(0), out.key.unbind(0)))
+
+    return MicroBatcher(
+        compress,
+        name="ingest",
+        max_batch=settings.ingest_batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+    )
+
+
+@dataclass
+class IngestService:
+    engine: Engine
+    store: RedisMemoryStore
+    batcher: MicroBatcher[str, Compressed1]
+    settings: Settings
+
+    def check_limits(self, docs: list[DocumentInput]) -> list[DocumentInput]:
+        if not docs:
+            raise InvalidInputError("documents must hold at least one document")
+        if len(docs) > self.settings.max_batch_documents:
+            raise PayloadTooLargeError(
+                f"{len(docs)} documents in one request; at most {self.settings.max_batch_documents} are accepted: "
+                "send several requests"
+            )
+        for i, doc in enumerate(docs):
+            if len(doc.text) > self.settings.max_text_chars:
+                raise PayloadTooLargeError(
+                    f"document #{i} ({doc.id!r}) has {len(doc.text)} characters; the limit is "
+                    f"{self.settings.max_text_chars}: split it into several documents",
+                    details={"index": i, "id": doc.id},
+                )
+        ids = [d.id for d in docs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise InvalidInputError(f"document id {dup!r} appears twice in one request")
+        return [d.validated() for d in docs]
+
+    async def ingest(self, docs: list[DocumentInput]) -> list[PutResult]:
+        docs = self.check_limits(docs)
+        cv = self.engine.compressor_version
+        # Same id + same text + same compressor: nothing to compress and nothing to write.
+        meta = await run_in_threadpool(self.store.get_docs_meta, [d.id for d in docs], ["hash", "cv", "version"])
+        unchanged = {
+            d.id: int(m[2] or 1) for d, m in zip(docs, meta) if m[0] == content_hash(d.text) and m[1] == cv
+        }
+        todo = [d for d in docs if d.id not in unchanged]
+        written: dict[str, PutResult] = {}
+        if todo:
+            compressed = await self.batcher.submit([d.text for d in todo])
+            writes = [MemoryWrite(d, mem, key) for d, (mem, key) in zip(todo, compressed)]
+            results = await run_in_threadpool(self.store.put_many, writes, cv)
+            written = {r.id: r for r in results}
+        size = codec.encoded_size(self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim, cv)
+        return [written.get(d.id) or PutResult(d.id, "unchanged", unchanged[d.id], size) for d in docs]

@@ -1,0 +1,78 @@
+"""Every setting of the service, read from the environment in this one place (prefix `CMT_`).
+
+    CMT_LLM=/models/my-llm CMT_CHECKPOINT=/ckpt/cmt CMT_REDIS_URL=redis://redis:6379/0 cmt-serve
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CMT_", env_file=None, extra="ignore")
+
+    # ---- models --------------------------------------------------------------------------------
+    llm: str | None = None
+    """Frozen LLM: local directory or hub id. None with no checkpoint = build/load the demo models."""
+    checkpoint: Path | None = None
+    """Checkpoint directory of Θ/ψ/π trained for `llm`."""
+    demo_dir: Path = Path(".data/demo")
+    """Where the demo LLM and checkpoint are built once and cached (used when llm is None)."""
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1 ..."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """LLM dtype (bf16 on GPU halves memory; Θ/ψ/π stay float32)."""
+
+    # ---- storage -------------------------------------------------------------------------------
+    redis_url: str | None = None
+    """redis://, rediss://, unix://, redis+cluster://, redis+sentinel://; None = embedded redis-server."""
+    data_dir: Path = Path(".data/redis")
+    """Data folder (AOF) of the embedded Redis."""
+    appendfsync: Literal["always", "everysec"] = "always"
+    """Embedded Redis AOF fsync policy; "always" makes every acknowledged write durable."""
+    bank: str = "default"
+    """Namespace of this memory bank inside Redis."""
+    approx_index_threshold: int = 50_000
+    """Documents above which top-k switches from exact search to an HNSW graph."""
+
+    # ---- limits --------------------------------------------------------------------------------
+    max_text_chars: int = Field(100_000, gt=0)
+    """Longest document text accepted (characters)."""
+    max_batch_documents: int = Field(64, gt=0)
+    """Most documents in one POST /documents."""
+    max_question_chars: int = Field(2_000, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    """Upper bound a request may ask for."""
+    default_max_new_tokens: int = Field(32, gt=0)
+    max_top_k: int = Field(16, gt=0)
+
+    # ---- batching and backpressure -------------------------------------------------------------
+    ingest_batch_size: int = Field(32, gt=0)
+    """Documents compressed together in one Θ forward."""
+    ask_batch_size: int = Field(8, gt=0)
+    """Questions answered together in one generate."""
+    batch_wait_ms: float = Field(5.0, ge=0)
+    """How long a batcher waits for more work before running a partial batch."""
+    max_queue: int = Field(256, gt=0)
+    """Queued items per batcher; beyond it requests get 503 with Retry-After."""
+
+    # ---- security ------------------------------------------------------------------------------
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys for writes (POST/DELETE /documents). Empty = no auth. JSON list in the environment."""
+    read_api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys for reads (/ask, GET /documents); write keys are accepted too. Empty = open reads."""
+
+    # ---- server --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps"):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {v!r}")
+        return v

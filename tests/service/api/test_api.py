@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.storage.redis_store import RedisMemoryStore
+from tests.service.api.conftest import REDIS_URL, make_settings
+
+DOCS = [
+    {"id": "rain", "text": "Zorvath city reported heavy rain on 1 February.", "title": "Rain", "source": "wire",
+     "published_at": "2024-02-01T08:00:00Z"},
+    {"id": "snow", "text": "Zorvath city reported snow on 2 February.", "title": "Snow", "source": "daily",
+     "published_at": "2024-02-02T08:00:00Z"},
+    {"text": "The Qelmar bridge opened to traffic in 1931.", "title": "Bridge"},
+]
+
+
+def ingest(client, docs=DOCS):
+    r = client.post("/documents", json={"documents": docs})
+    assert r.status_code == 200, r.text
+    return r.json()["documents"]
+
+
+def test_ingest_ask_get_list_delete_round_trip(client):
+    out = ingest(client)
+    assert [d["status"] for d in out] == ["new", "new", "new"]
+    assert out[0]["id"] == "rain" and out[2]["id"] and all(d["memory_bytes"] > 0 for d in out)
+
+    r = client.post("/ask", json={"question": "What was the weather in Zorvath?", "top_k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["answer"], str)
+    assert {s["id"] for s in body["sources"]} == {d["id"] for d in out}
+    assert {"encode", "retrieve", "fetch", "aggregate", "align", "generate", "total"} <= set(body["timings_ms"])
+
+    doc = client.get("/documents/rain").json()
+    assert doc["text"] == DOCS[0]["text"] and doc["version"] == 1 and doc["published_at"].startswith("2024-02-01")
+    listing = client.get("/documents", params={"limit": 2}).json()
+    assert listing["count"] == 3 and len(listing["documents"]) == 2
+
+    assert client.delete("/documents/rain").status_code == 200
+    after = client.post("/ask", json={"question": "What was the weather in Zorvath?", "top_k": 3}).json()
+    assert "rain" not in {s["id"] for s in after["sources"]}
+    assert client.get("/documents/rain").status_code == 404
+
+
+def test_same_text_is_unchanged_and_new_text_replaces(client):
+    ingest(client, DOCS[:1])
+    assert ingest(client, DOCS[:1])[0]["status"] == "unchanged"
+    changed = [{**DOCS[0], "text": "Zorvath city reported a storm on 1 February."}]
+    replaced = ingest(client, changed)[0]
+    assert replaced["status"] == "replaced" and replaced["version"] == 2
+    assert client.get("/documents/rain").json()["text"].endswith("storm on 1 February.")
+
+
+def test_filters_restrict_sources(client):
+    ingest(client)
+    r = client.post("/ask", json={"question": "weather?", "top_k": 3, "filters": {"source": ["daily"]}})
+    assert [s["id"] for s in r.json()["sources"]] == ["snow"]
+    r = client.post("/ask", json={"question": "weather?", "filters": {"published_to": "2024-02-02T00:00:00Z"}})
+    assert [s["id"] for s in r.json()["sources"]] == ["rain"]
+
+
+def test_empty_bank_answers_without_sources(client):
+    r = client.post("/ask", json={"question": "Anything new?"})
+    assert r.status_code == 200 and r.json()["sources"] == []
+
+
+def test_stream_sends_sources_tokens_and_done(client):
+    ingest(client)
+    with client.stream("POST", "/ask", json={"question": "Weather?", "stream": True, "max_new_tokens": 5}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "sources" and events[-1] == "done"
+
+
+def assert_error(r, status: int, code: str):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["code"] == code and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        ({"documents": []}, 422, "invalid_input"),
+        ({"documents": [{"text": ""}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "   "}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "x", "published_at": "2024-02-01T08:00:00"}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "x", "colour": "red"}]}, 422, "invalid_input"),
+        ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "x" * 5001}]}, 413, "payload_too_large"),
+        ({"documents": [{"text": "x"}] * 5}, 413, "payload_too_large"),
+        ({"docs": []}, 422, "invalid_input"),
+    ],
+)
+def test_bad_documents_get_clear_errors_and_store_nothing(model_dirs, payload, status, code):
+    settings = make_settings(model_dirs, max_text_chars=5000, max_batch_documents=4)
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert_error(client.post("/documents", json=payload), status, code)
+            assert client.get("/documents").json()["count"] == 0
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        ({"question": ""}, 422, "invalid_input"),
+        ({"question": "   "}, 422, "invalid_input"),
+        ({"question": "q", "top_k": 0}, 422, "invalid_input"),
+        ({"question": "q", "top_k": 999}, 422, "invalid_input"),
+        ({"question": "q", "max_new_tokens": 10_000}, 422, "invalid_input"),
+        ({"question": "q", "alpha": -1}, 422, "invalid_input"),
+        ({"question": "q" * 3000}, 413, "payload_too_large"),
+        ({"question": "q", "filters": {"published_from": "yesterday"}}, 422, "invalid_input"),
+    ],
+)
+def test_bad_questions_get_clear_errors(client, payload, status, code):
+    assert_error(client.post("/ask", json=payload), status, code)
+
+
+def test_unknown_document_is_404_and_malformed_json_is_422(client):
+    assert_error(client.get("/documents/nope"), 404, "not_found")
+    assert_error(client.delete("/documents/nope"), 404, "not_found")
+    r = client.post("/documents", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 422, "invalid_input")
+
+
+def test_api_keys_guard_writes_and_reads(model_dirs):
+    settings = make_settings(model_dirs, api_keys=["w-secret"], read_api_keys=["r-secret"])
+    try:
+        with TestClient(create_app(settings)) as client:
+            doc = {"documents": [{"text": "hello"}]}
+            assert_error(client.post("/documents", json=doc), 401, "unauthorized")
+            assert_error(client.post("/documents", json=doc, headers={"X-API-Key": "r-secret"}), 401, "unauthorized")
+            assert client.get("/documents").json()["error"]["code"] == "unauthorized"
+            assert client.post("/documents", json=doc, headers={"Authorization": "Bearer w-secret"}).status_code == 200
+            assert client.get("/documents", headers={"X-API-Key": "r-secret"}).json()["count"] == 1
+            assert client.get("/healthz").status_code == 200
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+
+
+def test_health_ready_metrics_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["checks"]["redis"]
+    ingest(client, DOCS[:1])
+    client.post("/ask", json={"question": "hi"})
+    text = client.get("/metrics").text
+    assert 'cmt_http_requests_total{method="POST",route="/ask",status="200"}' in text
+    assert "cmt_ask_stage_duration_seconds_bucket" in text
+    assert json.loads(client.get("/openapi.json").text)["paths"]["/ask"]
