@@ -94,3 +94,26 @@ def make_modules(minilm):
         return CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), tokenizer), llm.layout)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, bpe_tokenizer, minilm):
+    """(llm_dir, checkpoint_dir): saved with save_pretrained / save_checkpoint, loaded back by path."""
+    import copy
+
+    import torch
+
+    from service.models.checkpoint import save_checkpoint
+    from service.models.cmt import CMTModules
+    from service.models.compressor import Compressor
+
+    root = tmp_path_factory.mktemp("models")
+    llm = tiny_gpt2(bpe_tokenizer)
+    llm.model.save_pretrained(root / "llm")
+    bpe_tokenizer.save_pretrained(root / "llm")
+    torch.manual_seed(0)
+    config = small_cmt_config()
+    backbone, tokenizer = minilm
+    modules = CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), tokenizer), llm.layout)
+    save_checkpoint(root / "ckpt", modules, llm.identity)
+    return root / "llm", root / "ckpt"

@@ -165,7 +165,10 @@ class HFCausalLM:
         """Next token (B,) from logits (B, V)."""
         if not config.do_sample:
             return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / config.temperature, dim=-1)  # (B, V)
+        # Shift the max to 0 first: a tiny temperature (0 in fp32) then sends the others to -inf and
+        # the max (0/0 = NaN) back to 0: sampling becomes argmax instead of NaN.
+        shifted = logits - logits.max(dim=-1, keepdim=True).values  # (B, V)
+        probs = torch.softmax((shifted / config.temperature).nan_to_num(nan=0.0), dim=-1)  # (B, V)
         if config.top_p < 1:
             sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > config.top_p  # (B, V)

@@ -90,3 +90,9 @@ def test_sampling_is_reproducible_with_seed_and_stop_strings_cut_the_answer(llm)
     stop = first_text.text[1:3]
     cut = llm.generate(QUESTIONS[:1], config=GenerationConfig(max_new_tokens=10, stop_strings=(stop,)))[0]
     assert cut.finish_reason == "stop" and stop not in cut.text
+
+
+def test_vanishing_temperature_samples_like_greedy_instead_of_crashing(llm):
+    greedy = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5))
+    cold = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5, do_sample=True, temperature=5e-324, seed=0))
+    assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]
