@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/cmt-demo
+	$(BIN)/cmt-serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

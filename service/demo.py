@@ -1,59 +1,64 @@
-"""End-to-end demo of the CMT pieces on this machine, no service yet: compress real SQuAD
-paragraphs with the packaged MiniLM, select top-k for a question, align into a KV prefix and let a
-(tiny, randomly initialised) frozen GPT-2 answer. It shows the plumbing and the memory sizes; the
-answers are noise until a trained checkpoint exists."""
+"""Demo models for the main-job command: a small GPT-2-style LLM and a Θ/ψ/π checkpoint for it,
+built once into a cache folder and loaded by path afterwards.
+
+If the trainer's demo builder is available (`trainer.demo.ensure_demo_checkpoint`, trained on the
+synthetic news stream) it is used; otherwise the modules are randomly initialised, which shows
+the whole service working end to end but gives noise answers until a trained checkpoint is
+configured (CMT_LLM + CMT_CHECKPOINT).
+"""
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import time
+import logging
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from service.models.cmt import Bank, CMTModules, CMTPipeline
-from service.models.config import CMTConfig
-from service.models.llm import GenerationConfig, HFCausalLM
-from trainer.tokenizer import train_bpe_tokenizer
+log = logging.getLogger(__name__)
+SHARED_SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "train.jsonl.gz"
+FALLBACK_CORPUS = [
+    "The river rose two metres overnight and the bridge was closed.",
+    "Question: When did the bridge open?\nAnswer: In 1931.",
+]
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "test.jsonl.gz"
+
+def _corpus() -> list[str]:
+    if SHARED_SQUAD.is_file():
+        with gzip.open(SHARED_SQUAD, "rt") as fh:
+            return [json.loads(line)["text"] for line in fh]
+    return FALLBACK_CORPUS * 50
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=DATA, help="JSONL.gz of documents with questions")
-    parser.add_argument("--docs", type=int, default=32, help="documents streamed into the bank")
-    parser.add_argument("--questions", type=int, default=3)
-    args = parser.parse_args(argv)
+def ensure_demo_models(cache_dir: Path) -> tuple[Path, Path]:
+    """(llm_dir, checkpoint_dir), building them on first use."""
+    try:
+        from trainer.demo import ensure_demo_checkpoint
+    except ImportError:
+        ensure_demo_checkpoint = None
+    if ensure_demo_checkpoint is not None:
+        return ensure_demo_checkpoint(cache_dir)
 
-    with gzip.open(args.data, "rt") as fh:
-        records = [json.loads(line) for _, line in zip(range(args.docs), fh)]
-    texts = [r["text"] for r in records]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=2000)
+    from service.models.checkpoint import save_checkpoint
+    from service.models.cmt import CMTModules
+    from service.models.config import CMTConfig
+    from service.models.llm import HFCausalLM
+    from trainer.tokenizer import train_bpe_tokenizer
+
+    llm_dir, ckpt_dir = cache_dir / "llm", cache_dir / "checkpoint-untrained"
+    if (llm_dir / "config.json").is_file() and (ckpt_dir / "config.json").is_file():
+        return llm_dir, ckpt_dir
+    log.warning("building UNTRAINED demo models in %s: answers will be noise", cache_dir)
+    tokenizer = train_bpe_tokenizer(_corpus(), vocab_size=4096)
     torch.manual_seed(0)
-    llm = HFCausalLM(GPT2LMHeadModel(GPT2Config(
+    model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_layer=4, n_embd=256, n_head=4,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )), tokenizer, "demo-gpt2")
-    config = CMTConfig()
-    pipeline = CMTPipeline(CMTModules.build(config, llm.layout), llm)
-
-    start = time.perf_counter()
-    docs = pipeline.compress(texts)
-    elapsed = time.perf_counter() - start
-    bank = Bank(docs.memory, docs.key, torch.arange(float(len(texts))), [r["doc_id"] for r in records])
-    fp16_bytes = docs.memory[0].numel() * 2
-    print(f"compressed {len(texts)} documents in {elapsed:.2f}s ({len(texts) / elapsed:.1f} docs/s)")
-    print(f"memory per document: {tuple(docs.memory.shape[1:])} = {fp16_bytes} bytes in fp16")
-    for record in records[: args.questions]:
-        question = record["questions"][0]["question"]
-        answer = pipeline.answer([question], bank, generation=GenerationConfig(max_new_tokens=12))[0]
-        hit = record["doc_id"] in answer.source_ids
-        print(f"\nQ: {question}\nA: {answer.text!r}  (untrained modules)\nsources: {answer.source_ids} gold retrieved: {hit}")
-
-
-if __name__ == "__main__":
-    main()
+    ))
+    model.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    llm = HFCausalLM(model, tokenizer, str(llm_dir))
+    save_checkpoint(ckpt_dir, CMTModules.build(CMTConfig(), llm.layout), llm.identity, metrics={"trained": False})
+    return llm_dir, ckpt_dir
