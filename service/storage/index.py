@@ -1,0 +1,223 @@
+"""In-process top-k over retrieval keys: exact by default, FAISS HNSW above a configurable size.
+
+Scores are inner products of L2-normalised keys (cosine). Rows are append-only: an update or a
+delete tombstones the old row (`alive=False`) and an update appends a new one, because
+IndexHNSW cannot remove or overwrite vectors. Tombstoned and filtered-out rows are excluded
+*inside* the HNSW search with an `IDSelectorBitmap`, so a filtered search still returns the top-k
+among matching documents. When the filter keeps few rows (< `exact_fraction` of the live ones)
+graph search would wander through non-matching nodes, so the matching rows are scored exactly
+instead (cheap precisely because they are few). Once tombstones exceed `compact_fraction`, a
+maintenance job rebuilds a compact state (and its HNSW) off the lock from a snapshot, replays the
+writes made meanwhile, then swaps it in: searches never wait for a rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Iterable, Sequence
+from datetime import datetime
+
+import numpy as np
+import torch
+
+from service.errors import InvalidInputError
+from service.storage.base import IndexEntry, ensure_utc, to_us
+from service.storage.index_state import IndexState, SearchHit
+
+log = logging.getLogger(__name__)
+
+
+def order_chronologically(hits: Iterable[SearchHit]) -> list[SearchHit]:
+    """Oldest to newest (published_at, else received_at): the order the aggregator reads memories in."""
+    return sorted(hits, key=lambda h: (h.published_at or h.received_at, h.received_at, h.id))
+
+
+class VectorIndex:
+    """Thread-safe top-k index with tombstones, filters and an optional HNSW graph."""
+
+    def __init__(
+        self,
+        *,
+        approx_threshold: int = 50_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 64,
+        ef_search: int = 128,
+        exact_fraction: float = 0.05,
+        compact_fraction: float = 0.25,
+        compact_min_dead: int = 1_000,
+        auto_maintain: bool = True,
+    ) -> None:
+        self.approx_threshold = approx_threshold
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.exact_fraction = exact_fraction
+        self.compact_fraction = compact_fraction
+        self.compact_min_dead = compact_min_dead
+        self.auto_maintain = auto_maintain
+        self._lock = threading.RLock()
+        self._state = IndexState()
+        self._oplog: list[tuple[str, list[IndexEntry] | list[str]]] | None = None
+        self._job: threading.Thread | None = None
+
+    # -- writes ------------------------------------------------------------------------------
+    def upsert(self, entries: Sequence[IndexEntry]) -> None:
+        if not entries:
+            return
+        with self._lock:
+            self._state.upsert(list(entries))
+            if self._oplog is not None:
+                self._oplog.append(("upsert", list(entries)))
+        self._maybe_maintain()
+
+    def remove(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            self._state.remove(list(ids))
+            if self._oplog is not None:
+                self._oplog.append(("remove", list(ids)))
+        self._maybe_maintain()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state = IndexState()
+            if self._oplog is not None:
+                self._oplog.append(("clear", []))
+
+    # -- queries -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._state.n_alive
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._state.row_of
+
+    @property
+    def dim(self) -> int | None:
+        return self._state.d
+
+    @property
+    def is_approximate(self) -> bool:
+        return self._state.hnsw is not None
+
+    def version_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in self._state.cv_counts.items() if v > 0}
+
+    def stale_count(self, compressor_version: str) -> int:
+        """Live documents whose memory was made by another compressor version."""
+        return sum(v for k, v in self.version_counts().items() if k != compressor_version)
+
+    def entry(self, doc_id: str) -> SearchHit | None:
+        with self._lock:
+            row = self._state.row_of.get(doc_id)
+            return None if row is None else self._state.hit(row, float("nan"))
+
+    def search(
+        self,
+        query: np.ndarray | torch.Tensor,  # (d,)
+        k: int,
+        *,
+        compressor_version: str | None = None,
+        source: str | Collection[str] | None = None,
+        published_from: datetime | None = None,
+        published_to: datetime | None = None,
+        approximate: bool | None = None,
+    ) -> list[SearchHit]:
+        """Top-k documents by cosine similarity, best first, among those matching every filter.
+
+        `compressor_version`: only memories made by that compressor (never mix versions).
+        `source`: one source or a collection of them. `published_from <= published_at <
+        published_to` (documents without published_at are excluded when a bound is given).
+        `approximate`: None = automatic (HNSW when built), False = force exact.
+        """
+        if k <= 0:
+            return []
+        q = self._query(query)  # (d,)
+        pf, pt = ensure_utc(published_from, "published_from"), ensure_utc(published_to, "published_to")
+        with self._lock:
+            st = self._state
+            if st.n_alive == 0:
+                return []
+            if q.shape[0] != st.d:
+                raise InvalidInputError(f"query has dimension {q.shape[0]}; the index holds d_m={st.d}")
+            mask = st.mask(compressor_version, source, None if pf is None else to_us(pf),
+                           None if pt is None else to_us(pt))  # (n,) bool or None (= every live row)
+            m = st.n_alive if mask is None else int(np.count_nonzero(mask))
+            if m == 0:
+                return []
+            kk = min(k, m)
+            use_ann = (st.hnsw is not None and approximate is not False
+                       and m >= self.exact_fraction * st.n_alive)
+            rows = scores = None
+            if use_ann:
+                rows, scores = st.search_hnsw(q, kk, mask, max(self.ef_search, kk))
+                if len(rows) < kk:  # the graph could not reach enough matches: exact answer instead
+                    rows = scores = None
+            if rows is None:
+                rows, scores = st.search_exact(q, kk, mask)
+            return [st.hit(int(r), float(s)) for r, s in zip(rows, scores)]
+
+    def _query(self, query: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(query, torch.Tensor):
+            query = query.detach().to("cpu", torch.float32).numpy()
+        q = np.asarray(query, dtype=np.float32).reshape(-1)  # (d,)
+        if not np.all(np.isfinite(q)):
+            raise InvalidInputError("query key contains NaN or infinite values")
+        norm = float(np.linalg.norm(q))
+        if norm == 0.0:
+            raise InvalidInputError("query key is the zero vector")
+        return q / norm
+
+    # -- maintenance: HNSW build and compaction, off the lock -----------------------------------
+    def needs_maintenance(self) -> bool:
+        st = self._state
+        want_ann = st.n_alive >= self.approx_threshold and st.hnsw is None
+        drop_ann = st.hnsw is not None and st.n_alive < self.approx_threshold // 2
+        dead = st.n - st.n_alive
+        compact = dead >= self.compact_min_dead and dead > self.compact_fraction * st.n
+        return want_ann or drop_ann or compact
+
+    def _maybe_maintain(self) -> None:
+        if self.auto_maintain and self.needs_maintenance() and (self._job is None or not self._job.is_alive()):
+            self.maintain(wait=False)
+
+    def maintain(self, *, wait: bool = True) -> None:
+        """Rebuild a compact state (with HNSW if large enough) and swap it in."""
+        with self._lock:
+            if self._job is not None and self._job.is_alive():
+                job = self._job
+            else:
+                job = threading.Thread(target=self._rebuild, name="cmt-index-maintain", daemon=True)
+                self._job = job
+                self._oplog = []
+                snapshot = self._state.snapshot_alive()
+                job._snapshot = snapshot  # type: ignore[attr-defined]
+                job.start()
+        if wait:
+            job.join()
+
+    def _rebuild(self) -> None:
+        job = threading.current_thread()
+        snapshot: IndexState = job._snapshot  # type: ignore[attr-defined]
+        try:
+            if snapshot.n_alive >= self.approx_threshold:
+                snapshot.build_hnsw(self.hnsw_m, self.ef_construction)
+            with self._lock:
+                for op, arg in self._oplog or []:
+                    if op == "upsert":
+                        snapshot.upsert(arg)  # type: ignore[arg-type]
+                    elif op == "remove":
+                        snapshot.remove(arg)  # type: ignore[arg-type]
+                    else:
+                        snapshot = IndexState()
+                self._state = snapshot
+                self._oplog = None
+        except Exception:  # a failed rebuild must not take the serving state down
+            log.exception("index maintenance failed; keeping the current state")
+            with self._lock:
+                self._oplog = None
+
+
+__all__ = ["SearchHit", "VectorIndex", "order_chronologically"]

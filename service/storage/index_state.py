@@ -1,0 +1,215 @@
+"""The arrays behind `VectorIndex` (not thread-safe on its own: the index holds the lock).
+
+Column arrays, one row per written entry, rows append-only (a row's key never changes once
+written, so a snapshot can read `keys[:n]` without copying while writers append):
+keys (cap, d) float32 L2-normalised, alive (cap,) bool, pub/recv (cap,) int64 µs since epoch
+(NO_TIME when unknown), src/cv (cap,) int32 codes into small string tables (-1 = no source).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+import faiss
+import numpy as np
+
+from service.errors import InvalidInputError
+from service.storage.base import IndexEntry, from_us, to_us
+
+NO_TIME = np.iinfo(np.int64).min
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float  # cosine similarity of query and retrieval key
+    compressor_version: str
+    source: str | None
+    published_at: datetime | None
+    received_at: datetime
+
+
+class IndexState:
+    def __init__(self, d: int | None = None, capacity: int = 1024) -> None:
+        self.d = d
+        self.n = 0  # rows used (live + tombstoned)
+        self.n_alive = 0
+        self.cap = 0
+        self.row_of: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.src_code: dict[str, int] = {}
+        self.src_name: list[str] = []
+        self.cv_code: dict[str, int] = {}
+        self.cv_name: list[str] = []
+        self.cv_counts: Counter[str] = Counter()
+        self.hnsw: faiss.IndexHNSWFlat | None = None
+        if d is not None:
+            self._alloc(d, capacity)
+
+    def _alloc(self, d: int, capacity: int) -> None:
+        self.d, self.cap = d, capacity
+        self.keys = np.zeros((capacity, d), np.float32)  # (cap, d)
+        self.alive = np.zeros(capacity, bool)  # (cap,)
+        self.pub = np.full(capacity, NO_TIME, np.int64)  # (cap,)
+        self.recv = np.zeros(capacity, np.int64)  # (cap,)
+        self.src = np.full(capacity, -1, np.int32)  # (cap,)
+        self.cv = np.zeros(capacity, np.int32)  # (cap,)
+
+    def _grow(self, need: int) -> None:
+        new_cap = max(need, 2 * self.cap, 1024)
+        for name in ("keys", "alive", "pub", "recv", "src", "cv"):
+            old = getattr(self, name)
+            new = np.empty((new_cap, *old.shape[1:]), old.dtype)  # (new_cap, ...)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+        self.cap = new_cap
+
+    def _code(self, table: dict[str, int], names: list[str], value: str) -> int:
+        code = table.get(value)
+        if code is None:
+            code = table[value] = len(names)
+            names.append(value)
+        return code
+
+    # -- writes ------------------------------------------------------------------------------
+    def upsert(self, entries: list[IndexEntry]) -> None:
+        if self.d is None:
+            self._alloc(int(entries[0].key.shape[0]), max(1024, len(entries)))
+        keys = np.stack([np.asarray(e.key, np.float32).reshape(-1) for e in entries])  # (B, d)
+        if keys.shape[1] != self.d:
+            raise InvalidInputError(f"retrieval key of dimension {keys.shape[1]}; the index holds d_m={self.d}")
+        norms = np.linalg.norm(keys, axis=1, keepdims=True)  # (B, 1)
+        keys /= np.where(norms == 0, 1, norms)
+        self.remove([e.id for e in entries])
+        # a batch can name one id twice: only its last entry lives
+        last = {e.id: i for i, e in enumerate(entries)}
+        take = sorted(last.values())
+        b = len(take)
+        if self.n + b > self.cap:
+            self._grow(self.n + b)
+        rows = slice(self.n, self.n + b)
+        self.keys[rows] = keys[take]  # (b, d)
+        self.alive[rows] = True
+        for j, i in enumerate(take):
+            e, r = entries[i], self.n + j
+            self.pub[r] = NO_TIME if e.published_at is None else to_us(e.published_at)
+            self.recv[r] = to_us(e.received_at)
+            self.src[r] = -1 if e.source is None else self._code(self.src_code, self.src_name, e.source)
+            self.cv[r] = self._code(self.cv_code, self.cv_name, e.compressor_version)
+            self.row_of[e.id] = r
+            self.ids.append(e.id)
+            self.cv_counts[e.compressor_version] += 1
+        if self.hnsw is not None:
+            self.hnsw.add(self.keys[rows])  # faiss row ids stay equal to our row numbers
+        self.n += b
+        self.n_alive += b
+
+    def remove(self, ids: list[str]) -> None:
+        for doc_id in ids:
+            r = self.row_of.pop(doc_id, None)
+            if r is None:
+                continue
+            self.alive[r] = False
+            self.n_alive -= 1
+            self.cv_counts[self.cv_name[self.cv[r]]] -= 1
+    
+    def snapshot_alive(self) -> "IndexState":
+        """A compact copy holding only live rows (no HNSW yet)."""
+        new = IndexState()
+        if self.d is None or self.n_alive == 0:
+            return new
+        rows = np.flatnonzero(self.alive[: self.n])  # (n_alive,)
+        new._alloc(self.d, max(1024, int(len(rows) * 1.25)))
+        m = len(rows)
+        for name in ("keys", "alive", "pub", "recv", "src", "cv"):
+            getattr(new, name)[:m] = getattr(self, name)[rows]
+        new.n = new.n_alive = m
+        new.ids = [self.ids[r] for r in rows]
+        new.row_of = {doc_id: i for i, doc_id in enumerate(new.ids)}
+        new.src_code, new.src_name = dict(self.src_code), list(self.src_name)
+        new.cv_code, new.cv_name = dict(self.cv_code), list(self.cv_name)
+        new.cv_counts = Counter({k: v for k, v in self.cv_counts.items() if v > 0})
+        return new
+
+    def build_hnsw(self, m: int, ef_construction: int) -> None:
+        assert self.d is not None
+        index = faiss.IndexHNSWFlat(self.d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.add(self.keys[: self.n])  # (n, d)
+        self.hnsw = index
+
+    # -- search --------------------------------------------------------------------------------
+    def mask(
+        self, cv: str | None, source: str | Collection[str] | None, pub_from: int | None, pub_to: int | None
+    ) -> np.ndarray | None:
+        """Rows to consider, (n,) bool; None means every live row (no filter, fast path)."""
+        n = self.n
+        mask: np.ndarray | None = None
+        if cv is not None and self.cv_counts.get(cv, 0) != self.n_alive:
+            code = self.cv_code.get(cv, -2)
+            mask = self.cv[:n] == code
+        if source is not None:
+            names = [source] if isinstance(source, str) else list(source)
+            codes = [self.src_code[s] for s in names if s in self.src_code]
+            m = np.isin(self.src[:n], np.asarray(codes, np.int32))
+            mask = m if mask is None else mask & m
+        if pub_from is not None or pub_to is not None:
+            p = self.pub[:n]
+            m = p != NO_TIME
+            if pub_from is not None:
+                m &= p >= pub_from
+            if pub_to is not None:
+                m &= p < pub_to
+            mask = m if mask is None else mask & m
+        if mask is None:
+            return None if self.n_alive == n else self.alive[:n].copy()
+        return mask & self.alive[:n]
+
+    def search_exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        n = self.n
+        if mask is None:
+            scores = self.keys[:n] @ q  # (n,)
+            cand = None
+        elif np.count_nonzero(mask) * 2 < n:
+            cand = np.flatnonzero(mask)  # (m,)
+            scores = self.keys[cand] @ q  # (m,)
+        else:
+            scores = self.keys[:n] @ q  # (n,)
+            scores[~mask] = -np.inf
+            cand = None
+        k = min(k, scores.shape[0])
+        top = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
+        top = top[np.argsort(-scores[top], kind="stable")]  # (k,)
+        rows = top if cand is None else cand[top]
+        return rows, scores[top]
+
+    def search_hnsw(
+        self, q: np.ndarray, k: int, mask: np.ndarray | None, ef: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert self.hnsw is not None
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = ef
+        bits = None
+        if mask is not None:
+            bits = np.packbits(mask, bitorder="little")  # (ceil(n/8),) uint8; must outlive the search
+            sel = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(bits))
+            params.sel = sel
+        scores, rows = self.hnsw.search(q[None, :], k, params=params)  # (1, k), (1, k)
+        keep = rows[0] >= 0
+        del bits
+        return rows[0][keep], scores[0][keep]
+
+    def hit(self, row: int, score: float) -> SearchHit:
+        pub = int(self.pub[row])
+        src = int(self.src[row])
+        return SearchHit(
+            id=self.ids[row],
+            score=score,
+            compressor_version=self.cv_name[int(self.cv[row])],
+            source=None if src < 0 else self.src_name[src],
+            published_at=None if pub == NO_TIME else from_us(pub),
+            received_at=from_us(int(self.recv[row])),
+        )

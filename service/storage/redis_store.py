@@ -1,0 +1,463 @@
+"""The Redis memory bank: documents, memories, an id set and an event stream, one bank per prefix.
+
+Keys (``{bank}`` is a Redis Cluster hash tag: a bank lives in one slot, so the multi-key write
+scripts are legal on a cluster)::
+
+    cmt:v1:{bank}:doc:<id>   hash: id, text, hash, cv, version, received, [title, source, published]
+    cmt:v1:{bank}:mem:<id>   string: codec.encode(memory, key, cv)
+    cmt:v1:{bank}:ids        zset: id scored by first-receipt time (µs), for paging and scans
+    cmt:v1:{bank}:cvcount    hash: compressor version -> number of documents (stale counts)
+    cmt:v1:{bank}:events     stream (MAXLEN ~): op=put|delete, id; other replicas' indexes follow it
+
+``v1`` versions the layout: a future layout change uses new keys instead of misreading old ones.
+Timestamps are integer microseconds since the epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.errors import InvalidInputError
+from service.storage import codec, scripts
+from service.storage.base import (
+    DocumentInput,
+    DocumentRecord,
+    IndexEntry,
+    MemoryWrite,
+    PutResult,
+    StoredMemory,
+    content_hash,
+    from_us,
+    to_us,
+    validate_id,
+)
+from service.storage.connection import ConnectionSettings, connect, guard, redact
+
+log = logging.getLogger(__name__)
+
+KEY_LAYOUT_VERSION = "v1"
+# A listener gets (entries written, ids deleted) after each successful write through this store.
+ChangeListener = Callable[[list[IndexEntry], list[str]], None]
+_META_FIELDS = (b"cv", b"source", b"published", b"received")
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    entry_id: str
+    op: str  # "put" | "delete"
+    doc_id: str
+
+
+def _opt(v: str | None) -> str:
+    return "0" if v is None else "1" + v
+
+
+def _s(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8")
+
+
+class RedisMemoryStore:
+    """`MemoryStore` on Redis. Thread-safe (redis-py pools connections per thread of use)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        bank: str = "default",
+        stream_maxlen: int = 100_000,
+        max_batch: int = 256,
+        settings: ConnectionSettings | None = None,
+        client: Any | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if not bank or any(c in bank for c in "{}: \n"):
+            raise InvalidInputError(f"bank name {bank!r} must be non-empty without braces, colons or spaces")
+        self.url = url
+        self.bank = bank
+        self.stream_maxlen = stream_maxlen
+        self.max_batch = max_batch
+        self._r = client if client is not None else connect(url, settings)
+        self._prefix = f"cmt:{KEY_LAYOUT_VERSION}:{{{bank}}}:"
+        self.ids_key = self._prefix + "ids"
+        self.events_key = self._prefix + "events"
+        self.cv_key = self._prefix + "cvcount"
+        self._put = self._r.register_script(scripts.PUT)
+        self._delete = self._r.register_script(scripts.DELETE)
+        self._update = self._r.register_script(scripts.UPDATE_MEMORY)
+        self._listeners: list[ChangeListener] = []
+        self._listeners_lock = threading.Lock()
+        self._on_close = on_close
+        self._prefix_guess = codec.HEADER_SIZE + 64 + 4 * 384
+
+    # -- keys ------------------------------------------------------------------------------
+    def doc_key(self, doc_id: str) -> str:
+        return self._prefix + "doc:" + doc_id
+
+    def mem_key(self, doc_id: str) -> str:
+        return self._prefix + "mem:" + doc_id
+
+    def _guard(self, op: str) -> Any:
+        return guard(op, self.url)
+
+    # -- listeners (same-process index sees writes immediately) -----------------------------
+    def add_listener(self, fn: ChangeListener) -> None:
+        with self._listeners_lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: ChangeListener) -> None:
+        with self._listeners_lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+
+    def _notify(self, puts: list[IndexEntry], deletes: list[str]) -> None:
+        if not puts and not deletes:
+            return
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for fn in listeners:
+            fn(puts, deletes)
+
+    # -- writes ------------------------------------------------------------------------------
+    def put_many(
+        self,
+        items: Sequence[MemoryWrite | tuple[DocumentInput, torch.Tensor, torch.Tensor]],
+        compressor_version: str,
+    ) -> list[PutResult]:
+        """Store documents with their memories. All inputs are validated before anything is written.
+
+        Each chunk of `max_batch` documents is one atomic script call (one round trip); within it
+        every document is all-or-nothing. Same id + same text + same compressor version is
+        "unchanged" (nothing rewritten, metadata included); a new text is "replaced" with
+        version+1; same text under a new compressor version is "replaced" at the same version.
+        """
+        prepared: list[tuple[DocumentInput, bytes, IndexEntry]] = []
+        for item in items:
+            doc, memory, key = (item.doc, item.memory, item.key) if isinstance(item, MemoryWrite) else item
+            if not isinstance(doc, DocumentInput):
+                raise InvalidInputError("each item must be (DocumentInput, memory, key)")
+            doc = doc.validated()
+            try:
+                value = codec.encode(codec.to_storable_memory(memory), key, compressor_version)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"document {doc.id!r}: {exc.message}") from exc
+            entry = IndexEntry(
+                id=doc.id,
+                key=key.detach().to("cpu", torch.float32).numpy().copy(),  # (d_m,)
+                compressor_version=compressor_version,
+                source=doc.source,
+                published_at=doc.published_at,
+                received_at=doc.received_at,  # type: ignore[arg-type]  # set by validated()
+            )
+            prepared.append((doc, value, entry))
+        results: list[PutResult] = []
+        for start in range(0, len(prepared), self.max_batch):
+            chunk = prepared[start : start + self.max_batch]
+            keys = [self.ids_key, self.events_key, self.cv_key]
+            args: list[Any] = [compressor_version, self.stream_maxlen, len(chunk)]
+            for doc, value, _ in chunk:
+                keys += [self.doc_key(doc.id), self.mem_key(doc.id)]
+                pub = "" if doc.published_at is None else str(to_us(doc.published_at))
+                args += [doc.id, content_hash(doc.text), doc.text, _opt(doc.title), _opt(doc.source),
+                         pub, str(to_us(doc.received_at)), value]  # type: ignore[arg-type]
+            with self._guard("put_many"):
+                out = self._put(keys=keys, args=args)
+            written = []
+            for i, (doc, value, entry) in enumerate(chunk):
+                status = out[2 * i].decode()
+                results.append(PutResult(doc.id, status, int(out[2 * i + 1]), len(value)))  # type: ignore[arg-type]
+                if status != "unchanged":
+                    written.append(entry)
+            self._notify(written, [])
+        return results
+
+    def delete(self, doc_id: str) -> bool:
+        """Remove the document and its memory atomically; False if it was not stored."""
+        return self.delete_many([doc_id])[0]
+
+    def delete_many(self, ids: Sequence[str]) -> list[bool]:
+        ids = [validate_id(i) for i in ids]
+        if not ids:
+            return []
+        keys = [self.ids_key, self.events_key, self.cv_key]
+        for i in ids:
+            keys += [self.doc_key(i), self.mem_key(i)]
+        with self._guard("delete"):
+            out = self._delete(keys=keys, args=[self.stream_maxlen, len(ids), *ids])
+        existed = [bool(x) for x in out]
+        self._notify([], [i for i, e in zip(ids, existed) if e])
+        return existed
+
+    def update_memories(
+        self,
+        items: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]],
+        compressor_version: str,
+    ) -> list[str]:
+        """Replace memories of existing docs (reindex): items are (id, expected content hash, memory, key).
+
+        Returns per item "updated", "gone" (deleted meanwhile) or "changed" (text edited meanwhile;
+        the new text's own put already stored a fresh memory, so this one is dropped).
+        """
+        statuses: list[str] = []
+        for start in range(0, len(items), self.max_batch):
+            chunk = items[start : start + self.max_batch]
+            keys = [self.ids_key, self.events_key, self.cv_key]
+            args: list[Any] = [compressor_version, self.stream_maxlen, len(chunk)]
+            values = []
+            for doc_id, h, memory, key in chunk:
+                value = codec.encode(codec.to_storable_memory(memory), key, compressor_version)
+                values.append(value)
+                keys += [self.doc_key(doc_id), self.mem_key(doc_id)]
+                args += [doc_id, h, value]
+            with self._guard("update_memories"):
+                out = [x.decode() for x in self._update(keys=keys, args=args)]
+            statuses += out
+            updated = [c[0] for c, st in zip(chunk, out) if st == "updated"]
+            if updated:
+                self._notify([e for e in self.fetch_index_entries(updated).values() if e is not None], [])
+        return statuses
+
+    # -- reads -------------------------------------------------------------------------------
+    @staticmethod
+    def _record(h: dict[bytes, bytes]) -> DocumentRecord | None:
+        if not h or b"id" not in h:
+            return None
+        pub = h.get(b"published")
+        return DocumentRecord(
+            id=h[b"id"].decode(),
+            text=h[b"text"].decode(),
+            title=_s(h.get(b"title")),
+            source=_s(h.get(b"source")),
+            published_at=None if pub is None else from_us(int(pub)),
+            received_at=from_us(int(h[b"received"])),
+            content_hash=h[b"hash"].decode(),
+            version=int(h[b"version"]),
+            compressor_version=h[b"cv"].decode(),
+        )
+
+    def get(self, doc_id: str) -> DocumentRecord | None:
+        validate_id(doc_id)
+        with self._guard("get"):
+            h = self._r.hgetall(self.doc_key(doc_id))
+        return self._record(h)
+
+    def get_memories(
+        self, ids: Sequence[str], *, compressor_version: str | None = None, stale: str = "miss"
+    ) -> list[StoredMemory | None]:
+        """Memories in the order of `ids` with one MGET. A missing id gives None.
+
+        With `compressor_version`, a memory made by another version is never returned: it is a
+        miss (`stale="miss"`, the default) or raises StaleMemoryError (`stale="raise"`).
+        """
+        if not ids:
+            return []
+        with self._guard("get_memories"):
+            values = self._r.mget([self.mem_key(i) for i in ids])
+        out: list[StoredMemory | None] = []
+        for doc_id, value in zip(ids, values):
+            if value is None:
+                out.append(None)
+                continue
+            memory, key, cv = codec.decode(value)  # (k, d_m), (d_m,)
+            if compressor_version is not None and cv != compressor_version:
+                if stale == "raise":
+                    from service.errors import StaleMemoryError
+
+                    raise StaleMemoryError(
+                        f"memory of {doc_id!r} was made by compressor {cv!r}, serving {compressor_version!r}; "
+                        "run the reindex command",
+                        details={"id": doc_id, "stored": cv, "serving": compressor_version},
+                    )
+                out.append(None)
+                continue
+            out.append(StoredMemory(doc_id, memory, key, cv))
+        return out
+
+    def count(self) -> int:
+        with self._guard("count"):
+            return int(self._r.zcard(self.ids_key))
+
+    def list(self, offset: int = 0, limit: int = 100) -> list[DocumentRecord]:
+        """Documents in order of first receipt (two round trips: ids, then one pipeline)."""
+        if offset < 0 or limit < 0:
+            raise InvalidInputError("offset and limit must be >= 0")
+        if limit == 0:
+            return []
+        with self._guard("list"):
+            ids = self._r.zrange(self.ids_key, offset, offset + limit - 1)
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hgetall(self.doc_key(i.decode()))
+            rows = pipe.execute()
+        return [r for r in (self._record(h) for h in rows) if r is not None]
+
+    def version_counts(self) -> dict[str, int]:
+        """Number of documents per compressor version (maintained by the write scripts)."""
+        with self._guard("version_counts"):
+            raw = self._r.hgetall(self.cv_key)
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+
+    def stale_count(self, compressor_version: str) -> int:
+        """How many documents have a memory made by another compressor version."""
+        counts = self.version_counts()
+        return sum(v for k, v in counts.items() if k != compressor_version)
+
+    def ping(self) -> bool:
+        with self._guard("ping"):
+            return bool(self._r.ping())
+
+    # -- index support -------------------------------------------------------------------------
+    def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]:
+        """Current index entry of each id (None if not stored), one pipeline round trip.
+
+        Reads only the value's prefix (GETRANGE: header + version + key), not the k×d_m memory.
+        """
+        out: dict[str, IndexEntry | None] = {}
+        if not ids:
+            return out
+        guess = self._prefix_guess
+        with self._guard("fetch_index_entries"):
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.doc_key(i), _META_FIELDS)
+                pipe.getrange(self.mem_key(i), 0, guess - 1)
+            res = pipe.execute()
+            refetch: list[int] = []
+            for n, doc_id in enumerate(ids):
+                meta, prefix = res[2 * n], res[2 * n + 1]
+                if meta[0] is None or not prefix:
+                    out[doc_id] = None
+                    continue
+                need = codec.prefix_length(prefix)
+                if need > len(prefix):
+                    refetch.append(n)
+                    continue
+                out[doc_id] = self._entry(doc_id, meta, prefix)
+            if refetch:  # a wider d_m than guessed: read those again, and guess wider next time
+                pipe = self._r.pipeline(transaction=False)
+                for n in refetch:
+                    pipe.hmget(self.doc_key(ids[n]), _META_FIELDS)
+                    pipe.get(self.mem_key(ids[n]))
+                res2 = pipe.execute()
+                for j, n in enumerate(refetch):
+                    meta, value = res2[2 * j], res2[2 * j + 1]
+                    if meta[0] is None or value is None:
+                        out[ids[n]] = None
+                        continue
+                    self._prefix_guess = max(self._prefix_guess, codec.prefix_length(value))
+                    out[ids[n]] = self._entry(ids[n], meta, value)
+        return out
+
+    @staticmethod
+    def _entry(doc_id: str, meta: list[bytes | None], prefix: bytes) -> IndexEntry:
+        p = codec.decode_prefix(prefix)
+        _, source, pub, received = meta
+        return IndexEntry(
+            id=doc_id,
+            key=p.key,  # (d_m,)
+            compressor_version=p.compressor_version,
+            source=_s(source),
+            published_at=None if pub is None else from_us(int(pub)),
+            received_at=from_us(int(received)) if received is not None else from_us(0),
+        )
+
+    def iter_ids(self, batch_size: int = 1000) -> Iterator[list[str]]:
+        """All stored ids in batches (ZSCAN: every id present for the whole scan is returned)."""
+        cursor = 0
+        while True:
+            with self._guard("scan"):
+                cursor, rows = self._r.zscan(self.ids_key, cursor, count=batch_size)
+            if rows:
+                yield [r[0].decode() for r in rows]
+            if cursor == 0:
+                return
+
+    def iter_index_entries(self, batch_size: int = 1000) -> Iterator[list[IndexEntry]]:
+        for ids in self.iter_ids(batch_size):
+            got = self.fetch_index_entries(ids)
+            yield [e for e in got.values() if e is not None]
+
+    def get_docs_meta(self, ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """Selected hash fields of several docs, one pipeline (used by reindex)."""
+        with self._guard("get_docs_meta"):
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.doc_key(i), list(fields))
+            rows = pipe.execute()
+        return [[_s(v) for v in row] for row in rows]
+
+    # -- event stream ----------------------------------------------------------------------------
+    def stream_last_id(self) -> str:
+        """Id of the newest event ("0-0" if none). Read it *before* a scan so nothing is missed."""
+        with self._guard("stream_last_id"):
+            rows = self._r.xrevrange(self.events_key, count=1)
+        return rows[0][0].decode() if rows else "0-0"
+
+    def stream_info(self) -> dict[str, Any] | None:
+        """XINFO STREAM of the event stream (None if it does not exist yet)."""
+        from redis.exceptions import ResponseError
+
+        try:
+            return dict(self._r.xinfo_stream(self.events_key))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            with self._guard("stream_info"):
+                raise
+        except Exception:
+            with self._guard("stream_info"):
+                raise
+
+    def stream_first_id(self) -> str | None:
+        """Id of the oldest event still in the stream (None if empty): detects a trimmed gap."""
+        with self._guard("stream_first_id"):
+            rows = self._r.xrange(self.events_key, count=1)
+        return rows[0][0].decode() if rows else None
+
+    def read_events(self, after_id: str, *, count: int = 1000, block_ms: int | None = None) -> list[StreamEvent]:
+        """Events newer than `after_id` (XREAD; blocks up to `block_ms` if given and none yet)."""
+        with self._guard("read_events"):
+            res = self._r.xread({self.events_key: after_id}, count=count, block=block_ms)
+        events: list[StreamEvent] = []
+        for _, entries in res or []:
+            for entry_id, fields in entries:
+                events.append(StreamEvent(entry_id.decode(), fields[b"op"].decode(), fields[b"id"].decode()))
+        return events
+
+    # -- admin -------------------------------------------------------------------------------------
+    def memory_usage(self, doc_id: str) -> tuple[int, int]:
+        """(MEMORY USAGE of the doc hash, of the memory value), bytes as Redis accounts them."""
+        with self._guard("memory_usage"):
+            return (int(self._r.memory_usage(self.doc_key(doc_id), samples=0) or 0),
+                    int(self._r.memory_usage(self.mem_key(doc_id), samples=0) or 0))
+
+    def drop_bank(self) -> int:
+        """Delete every key of this bank (tests, benchmarks). Returns the number of keys removed."""
+        removed = 0
+        with self._guard("drop_bank"):
+            for ids in self.iter_ids(1000):
+                keys = [self.doc_key(i) for i in ids] + [self.mem_key(i) for i in ids]
+                removed += int(self._r.delete(*keys))
+            removed += int(self._r.delete(self.ids_key, self.events_key, self.cv_key))
+        return removed
+
+    def close(self) -> None:
+        try:
+            self._r.close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> "RedisMemoryStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RedisMemoryStore(url={redact(self.url)!r}, bank={self.bank!r})"

@@ -1,0 +1,207 @@
+"""Keeping a `VectorIndex` equal to what a Redis bank holds, across replicas.
+
+Start-up: read the event stream's position *first*, then scan the bank (ZSCAN + pipelined prefix
+reads), then follow the stream from that position: an event racing with the scan is applied
+after it, never lost. Writes through this process's store reach the index at once (store
+listener); other replicas' writes arrive through the stream (XREAD BLOCK in a daemon thread, or
+`sync()` called by hand).
+
+Applying an event does not trust its content: it re-reads the *current* state of the named ids
+(one pipeline) and upserts or removes accordingly. That makes application idempotent and
+order-insensitive, so the index converges to Redis even when a local write and a remote event
+interleave. If the stream was trimmed past our position (we fell more than MAXLEN events
+behind: detected from XINFO's entries-added counter), the index is rebuilt from a scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Collection
+from datetime import datetime
+
+import numpy as np
+import torch
+
+from service.errors import StorageUnavailableError
+from service.storage.base import IndexEntry
+from service.storage.index import SearchHit, VectorIndex
+from service.storage.redis_store import RedisMemoryStore, StreamEvent
+
+log = logging.getLogger(__name__)
+
+
+class SyncedIndex:
+    """A `VectorIndex` fed from a `RedisMemoryStore`: rebuilt at start, then following the stream.
+
+    >>> with SyncedIndex(store).start() as idx:         # doctest: +SKIP
+    ...     hits = idx.search(q, 8, compressor_version="v3")
+    """
+
+    def __init__(
+        self,
+        store: RedisMemoryStore,
+        index: VectorIndex | None = None,
+        *,
+        block_ms: int = 200,
+        batch_size: int = 1000,
+        gap_check_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.index = index or VectorIndex()
+        self.block_ms = block_ms
+        self.batch_size = batch_size
+        self.gap_check_s = gap_check_s
+        self.last_id = "0-0"
+        self._seq = 0  # stream entries consumed up to last_id (XINFO entries-added numbering)
+        self._lock = threading.RLock()  # one reader of the stream at a time
+        self._pending: list[tuple[list[IndexEntry], list[str]]] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_gap_check = 0.0
+        self.rebuilds = 0
+        self.last_error: StorageUnavailableError | None = None
+
+    # -- start-up -----------------------------------------------------------------------------
+    def start(self, *, follow: bool = True) -> "SyncedIndex":
+        """Rebuild from Redis, hook local writes, and (if `follow`) start the follower thread."""
+        self.store.add_listener(self._on_local_write)
+        self.rebuild()
+        if follow:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=f"cmt-index-sync-{self.store.bank}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _stream_position(self) -> tuple[str, int]:
+        info = self.store.stream_info()
+        if info is None:
+            return "0-0", 0
+        return info["last-generated-id"].decode(), int(info["entries-added"])
+
+    def rebuild(self) -> int:
+        """Reload every entry from Redis (position read before the scan). Returns the count.
+
+        Searches keep using the old state until the new one is swapped in; local writes made
+        during the scan are replayed onto the new state, remote ones arrive as stream events.
+        """
+        with self._lock:
+            last_id, seq = self._stream_position()
+            src = self.index
+            fresh = VectorIndex(
+                approx_threshold=src.approx_threshold, hnsw_m=src.hnsw_m, ef_construction=src.ef_construction,
+                ef_search=src.ef_search, exact_fraction=src.exact_fraction, auto_maintain=False,
+            )
+            self._pending = []
+            try:
+                n = 0
+                for entries in self.store.iter_index_entries(self.batch_size):
+                    fresh.upsert(entries)
+                    n += len(entries)
+                if fresh.needs_maintenance():
+                    fresh.maintain(wait=True)
+                if src._job is not None:
+                    src._job.join()  # a running maintenance job would swap its own state in later
+                with src._lock:
+                    for puts, deletes in self._pending:
+                        if puts:
+                            fresh._state.upsert(puts)
+                        fresh._state.remove(deletes)
+                    src._state = fresh._state
+            finally:
+                self._pending = None
+            self.last_id, self._seq = last_id, seq
+            self.rebuilds += 1
+            return n
+
+    # -- following --------------------------------------------------------------------------------
+    def _on_local_write(self, puts: list[IndexEntry], deletes: list[str]) -> None:
+        with self.index._lock:
+            if self._pending is not None:
+                self._pending.append((puts, deletes))
+        self.index.upsert(puts)
+        self.index.remove(deletes)
+
+    def sync(self, *, block_ms: int | None = None) -> int:
+        """Apply new stream events (non-blocking unless `block_ms`). Returns how many were read."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_gap_check >= self.gap_check_s:
+                self._last_gap_check = now
+                if self._gap():
+                    log.warning("index fell behind the trimmed event stream of bank %s: rebuilding", self.store.bank)
+                    self.rebuild()
+                    return 0
+            events = self.store.read_events(self.last_id, count=self.batch_size, block_ms=block_ms)
+            if events:
+                self._apply(events)
+            return len(events)
+
+    def _gap(self) -> bool:
+        info = self.store.stream_info()
+        if info is None:
+            return False
+        trimmed = int(info["entries-added"]) - int(info["length"])
+        return trimmed > self._seq
+
+    def _apply(self, events: list[StreamEvent]) -> None:
+        ids = list(dict.fromkeys(e.doc_id for e in events))
+        current = self.store.fetch_index_entries(ids)
+        self.index.upsert([e for e in current.values() if e is not None])
+        self.index.remove([i for i, e in current.items() if e is None])
+        self.last_id = events[-1].entry_id
+        self._seq += len(events)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self.sync(block_ms=self.block_ms)
+                self.last_error = None
+                backoff = 0.05
+            except StorageUnavailableError as exc:  # Redis down: keep serving the index, retry
+                if self.last_error is None:
+                    log.warning("index follower: %s", exc.message)
+                self.last_error = exc
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:  # never let the follower die silently
+                log.exception("index follower failed; retrying")
+                self._stop.wait(1.0)
+
+    # -- queries (delegated) -----------------------------------------------------------------------
+    def search(
+        self,
+        query: np.ndarray | torch.Tensor,  # (d,)
+        k: int,
+        *,
+        compressor_version: str | None = None,
+        source: str | Collection[str] | None = None,
+        published_from: datetime | None = None,
+        published_to: datetime | None = None,
+        approximate: bool | None = None,
+    ) -> list[SearchHit]:
+        return self.index.search(
+            query, k, compressor_version=compressor_version, source=source,
+            published_from=published_from, published_to=published_to, approximate=approximate,
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def stale_count(self, compressor_version: str) -> int:
+        return self.index.stale_count(compressor_version)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 + self.block_ms / 1000)
+            self._thread = None
+        self.store.remove_listener(self._on_local_write)
+
+    def __enter__(self) -> "SyncedIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

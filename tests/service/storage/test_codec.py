@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.errors import InvalidInputError, StorageUnavailableError
+from service.storage import codec
+
+
+def test_round_trip_is_bit_exact_fp16_and_bf16() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        memory = torch.randn(16, 384).to(dtype)  # (16, 384)
+        key = torch.randn(384)  # (384,)
+        value = codec.encode(memory, key, "ckpt-ü")
+        assert len(value) == codec.encoded_size(16, 384, "ckpt-ü")
+        m2, k2, cv = codec.decode(value)
+        assert cv == "ckpt-ü" and m2.dtype == dtype and k2.dtype == torch.float32
+        assert torch.equal(m2.view(torch.uint8), memory.view(torch.uint8))  # bit-exact, NaN-safe compare
+        assert torch.equal(k2, key)
+
+
+def test_prefix_decodes_key_without_memory() -> None:
+    memory, key = torch.randn(4, 8).half(), torch.randn(8)
+    value = codec.encode(memory, key, "v1")
+    need = codec.prefix_length(value[: codec.HEADER_SIZE])
+    p = codec.decode_prefix(value[:need])
+    assert (p.k, p.d_m, p.compressor_version) == (4, 8, "v1")
+    assert torch.equal(torch.from_numpy(p.key), key)
+    with pytest.raises(codec.CorruptMemoryError):
+        codec.decode_prefix(value[: need - 1])
+
+
+@pytest.mark.parametrize(
+    "memory,key,match",
+    [
+        (torch.randn(16, 384, dtype=torch.float16)[0], torch.randn(384), "shape"),
+        (torch.randn(16, 384).double(), torch.randn(384), "dtype"),
+        (torch.randn(16, 384).half(), torch.randn(383), "key must have shape"),
+        (torch.full((2, 4), float("nan")).half(), torch.randn(4), "NaN"),
+        (torch.randn(2, 4).half(), torch.tensor([float("inf"), 0, 0, 0]), "NaN or infinite"),
+        (torch.randn(2, 4).half(), torch.zeros(4), "zero vector"),
+    ],
+)
+def test_bad_input_is_a_clear_invalid_input(memory: torch.Tensor, key: torch.Tensor, match: str) -> None:
+    with pytest.raises(InvalidInputError, match=match):
+        codec.encode(memory, key, "v1")
+
+
+def test_bad_version_rejected() -> None:
+    with pytest.raises(InvalidInputError):
+        codec.encode(torch.randn(2, 4).half(), torch.randn(4), "")
+    with pytest.raises(InvalidInputError):
+        codec.encode(torch.randn(2, 4).half(), torch.randn(4), "x" * 256)
+
+
+def test_corrupt_values_raise_storage_error() -> None:
+    value = codec.encode(torch.randn(2, 4).half(), torch.randn(4), "v1")
+    for bad in (b"", value[:10], b"XXXX" + value[4:], value[:-1], value + b"\0"):
+        with pytest.raises(codec.CorruptMemoryError):
+            codec.decode(bad)
+    assert issubclass(codec.CorruptMemoryError, StorageUnavailableError)
+
+
+def test_fp32_memory_cast_to_fp16_and_overflow_rejected() -> None:
+    m = torch.randn(2, 4)
+    assert codec.to_storable_memory(m).dtype == torch.float16
+    with pytest.raises(InvalidInputError, match="range"):
+        codec.to_storable_memory(torch.full((2, 4), 1e6))
