@@ -1,0 +1,154 @@
+"""Service benchmark: /ask latency and throughput under concurrency, /documents throughput.
+
+    .venv/bin/python bench/bench_service.py [--docs 10000] [--seconds 20] [--clients 1 8 32]
+
+Builds (once, cached in bench/.cache) a randomly initialised GPT-2-small-sized LLM (12 layers,
+768 wide) and an untrained default checkpoint (k=16, d_m=384, p=16), starts `cmt-serve` in a
+subprocess against the Redis at 127.0.0.1:6379, preloads a bank of --docs synthetic memories
+straight through the store (compressing 10^4 documents on 2 CPU cores would take ~9 minutes and
+measure nothing new), then drives the HTTP API with httpx. Writes bench/results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
+DATA = ROOT.parent / "shared" / "data" / "squad" / "test.jsonl.gz"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def build_models() -> tuple[Path, Path]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from service.models.checkpoint import save_checkpoint
+    from service.models.cmt import CMTModules
+    from service.models.config import CMTConfig
+    from service.models.llm import HFCausalLM
+    from trainer.tokenizer import train_bpe_tokenizer
+
+    llm_dir, ckpt = CACHE / "gpt2-small-random", CACHE / "ckpt"
+    if (ckpt / "config.json").is_file():
+        return llm_dir, ckpt
+    with gzip.open(DATA, "rt") as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    tok = train_bpe_tokenizer(texts, vocab_size=8192)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    llm = HFCausalLM(model, tok, str(llm_dir))
+    save_checkpoint(ckpt, CMTModules.build(CMTConfig(), llm.layout), llm.identity)
+    return llm_dir, ckpt
+
+
+def preload(bank: str, n: int, compressor_version: str) -> None:
+    from service.storage.base import DocumentInput, MemoryWrite
+    from service.storage.redis_store import RedisMemoryStore
+
+    store = RedisMemoryStore(REDIS, bank=bank)
+    store.drop_bank()
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, n, 500):
+        writes = []
+        for i in range(start, min(n, start + 500)):
+            key = torch.nn.functional.normalize(torch.randn(384, generator=g), dim=0)
+            writes.append(MemoryWrite(DocumentInput(id=f"s{i}", text=f"synthetic document {i}", title=f"doc {i}"),
+                                      torch.randn(16, 384, generator=g).half(), key))
+        store.put_many(writes, compressor_version)
+    store.close()
+
+
+async def load(url: str, clients: int, seconds: float, body_fn) -> tuple[list[float], list[dict], float]:
+    latencies, bodies = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        stop = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            n = 0
+            while time.perf_counter() < stop:
+                n += 1
+                path, payload = body_fn(w, n)
+                t = time.perf_counter()
+                r = await client.post(path, json=payload)
+                latencies.append(time.perf_counter() - t)
+                r.raise_for_status()
+                bodies.append(r.json())
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker(w) for w in range(clients)])
+        return latencies, bodies, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+
+    llm_dir, ckpt = build_models()
+    cv = json.loads((ckpt / "config.json").read_text())["compressor_version"]
+    preload("bench", args.docs, cv)
+    port = 8791
+    env = {**os.environ, "CMT_REDIS_URL": REDIS, "CMT_BANK": "bench", "CMT_LLM": str(llm_dir), "CMT_CHECKPOINT": str(ckpt),
+           "CMT_PORT": str(port), "CMT_ASK_BATCH_SIZE": "32", "CMT_INGEST_BATCH_SIZE": "32"}
+    server = subprocess.Popen([sys.executable, "-m", "service.cli"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        result: dict = {"docs_in_bank": args.docs, "new_tokens": args.new_tokens, "ask": {}}
+        ask = lambda w, n: ("/ask", {"question": f"What happened to the bridge in report {w}-{n}?", "max_new_tokens": args.new_tokens, "top_k": 4})
+        for c in args.clients:
+            lat, bodies, wall = asyncio.run(load(url, c, args.seconds, ask))
+            stages = {s: statistics.median(b["timings_ms"][s] for b in bodies) for s in bodies[0]["timings_ms"]}
+            non_gen = statistics.median(b["timings_ms"]["total"] - b["timings_ms"]["generate"] for b in bodies)
+            result["ask"][c] = {
+                "requests": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
+                "throughput_rps": len(lat) / wall, "stage_p50_ms": stages,
+                "non_generate_share_p50_pct": 100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),
+            }
+            print(c, json.dumps(result["ask"][c]))
+
+        with gzip.open(DATA, "rt") as fh:
+            paragraphs = [json.loads(line)["text"] for line in fh]
+        docs = lambda w, n: ("/documents", {"documents": [{"id": f"i{w}-{n}-{j}", "text": paragraphs[(w * 997 + n * 31 + j) % len(paragraphs)]} for j in range(8)]})
+        lat, bodies, wall = asyncio.run(load(url, 4, args.seconds, docs))
+        n_docs = sum(len(b["documents"]) for b in bodies)
+        result["ingest"] = {"documents": n_docs, "docs_per_s": n_docs / wall, "clients": 4, "docs_per_request": 8,
+                            "p50_ms": pct(lat, 50)}
+        print("ingest", json.dumps(result["ingest"]))
+        (ROOT / "bench" / "results" / "service.json").write_text(json.dumps(result, indent=2))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
