@@ -95,6 +95,20 @@ async def load(url: str, clients: int, seconds: float, body_fn) -> tuple[list[fl
         return latencies, bodies, time.perf_counter() - start
 
 
+def raw_compress_rate(ckpt: Path, texts: list[str]) -> float:
+    """Θ's own batched forward (batch 32, tokenization included) on the same paragraphs, docs/s."""
+    from service.models.compressor import Compressor
+    from service.models.config import CMTConfig
+
+    config = CMTConfig.from_dict(json.loads((ckpt / "config.json").read_text())["cmt"])
+    compressor = Compressor.from_backbone(config.compressor).eval()
+    compressor.compress(texts[:32])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(texts), 32):
+        compressor.compress(texts[i : i + 32])
+    return len(texts) / (time.perf_counter() - start)
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3
 
@@ -108,6 +122,10 @@ def main() -> None:
     args = parser.parse_args()
 
     llm_dir, ckpt = build_models()
+    with gzip.open(DATA, "rt") as fh:
+        paragraphs = [json.loads(line)["text"] for line in fh]
+    raw = raw_compress_rate(ckpt, paragraphs[:256])
+    print("raw compressor", raw)
     cv = json.loads((ckpt / "config.json").read_text())["compressor_version"]
     preload("bench", args.docs, cv)
     port = 8791
@@ -133,16 +151,19 @@ def main() -> None:
                 "requests": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
                 "throughput_rps": len(lat) / wall, "stage_p50_ms": stages,
                 "non_generate_share_p50_pct": 100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),
+                "memory_stages_share_p50_pct": 100 * statistics.median(
+                    sum(b["timings_ms"][s] for s in ("encode", "retrieve", "fetch", "aggregate", "align")) / b["timings_ms"]["total"]
+                    for b in bodies
+                ),
             }
             print(c, json.dumps(result["ask"][c]))
 
-        with gzip.open(DATA, "rt") as fh:
-            paragraphs = [json.loads(line)["text"] for line in fh]
         docs = lambda w, n: ("/documents", {"documents": [{"id": f"i{w}-{n}-{j}", "text": paragraphs[(w * 997 + n * 31 + j) % len(paragraphs)]} for j in range(8)]})
         lat, bodies, wall = asyncio.run(load(url, 4, args.seconds, docs))
         n_docs = sum(len(b["documents"]) for b in bodies)
         result["ingest"] = {"documents": n_docs, "docs_per_s": n_docs / wall, "clients": 4, "docs_per_request": 8,
-                            "p50_ms": pct(lat, 50)}
+                            "p50_ms": pct(lat, 50), "raw_compressor_docs_per_s": raw,
+                            "share_of_raw_pct": 100 * n_docs / wall / raw}
         print("ingest", json.dumps(result["ingest"]))
         (ROOT / "bench" / "results" / "service.json").write_text(json.dumps(result, indent=2))
     finally:
