@@ -141,13 +141,16 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    checks = {"models": True, "redis": True, "index_documents": len(state.index)}
+    cv = state.engine.compressor_version
+    # Stale = memories made by another compressor: never served, waiting for `cmt-reindex`.
+    checks = {"models": True, "redis": True, "index_documents": len(state.index),
+              "stale_documents": state.index.stale_count(cv)}
     try:
         await run_in_threadpool(state.store.ping)
     except Exception:  # noqa: BLE001 - any failure means not ready
         checks["redis"] = False
     ready = checks["models"] and checks["redis"]
-    return JSONResponse({"ready": ready, "checks": checks, "compressor_version": state.engine.compressor_version},
+    return JSONResponse({"ready": ready, "checks": checks, "compressor_version": cv},
                         status_code=200 if ready else 503)
 
 

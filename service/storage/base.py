@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -23,7 +23,7 @@ PutStatus = Literal["new", "unchanged", "replaced"]
 MAX_ID_BYTES = 512
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
 
@@ -37,7 +37,7 @@ def from_us(us: int) -> datetime:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def content_hash(text: str) -> str:
@@ -53,7 +53,7 @@ def ensure_utc(value: datetime | None, name: str) -> datetime | None:
         raise InvalidInputError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInputError(f"{name} must be timezone-aware (e.g. 2024-02-01T00:00:00Z)")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def validate_id(doc_id: str) -> str:
@@ -77,7 +77,7 @@ class DocumentInput:
     published_at: datetime | None = None
     received_at: datetime | None = None  # None: the store stamps the time of the write
 
-    def validated(self) -> "DocumentInput":
+    def validated(self) -> DocumentInput:
         validate_id(self.id)
         if not isinstance(self.text, str) or not self.text.strip():
             raise InvalidInputError(f"document {self.id!r}: text must be a non-empty string")

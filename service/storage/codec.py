@@ -193,9 +193,9 @@ def to_storable_memory(memory: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "HEADER_SIZE",
     "CorruptMemoryError",
     "DecodedPrefix",
-    "HEADER_SIZE",
     "decode",
     "decode_prefix",
     "encode",

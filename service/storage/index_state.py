@@ -116,7 +116,7 @@ class IndexState:
             self.n_alive -= 1
             self.cv_counts[self.cv_name[self.cv[r]]] -= 1
     
-    def snapshot_alive(self) -> "IndexState":
+    def snapshot_alive(self) -> IndexState:
         """A compact copy holding only live rows (no HNSW yet)."""
         new = IndexState()
         if self.d is None or self.n_alive == 0:

@@ -8,6 +8,7 @@ scripts are legal on a cluster)::
     cmt:v1:{bank}:ids        zset: id scored by first-receipt time (µs), for paging and scans
     cmt:v1:{bank}:cvcount    hash: compressor version -> number of documents (stale counts)
     cmt:v1:{bank}:events     stream (MAXLEN ~): op=put|delete, id; other replicas' indexes follow it
+                             (reading it: redis_stream.py)
 
 ``v1`` versions the layout: a future layout change uses new keys instead of misreading old ones.
 Timestamps are integer microseconds since the epoch (UTC).
@@ -18,8 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -38,20 +38,15 @@ from service.storage.base import (
     validate_id,
 )
 from service.storage.connection import ConnectionSettings, connect, guard, redact
+from service.storage.redis_stream import StreamAndAdminMixin, StreamEvent
 
 log = logging.getLogger(__name__)
+__all__ = ["ChangeListener", "RedisMemoryStore", "StreamEvent"]
 
 KEY_LAYOUT_VERSION = "v1"
 # A listener gets (entries written, ids deleted) after each successful write through this store.
 ChangeListener = Callable[[list[IndexEntry], list[str]], None]
 _META_FIELDS = (b"cv", b"source", b"published", b"received")
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    entry_id: str
-    op: str  # "put" | "delete"
-    doc_id: str
 
 
 def _opt(v: str | None) -> str:
@@ -62,7 +57,7 @@ def _s(b: bytes | None) -> str | None:
     return None if b is None else b.decode("utf-8")
 
 
-class RedisMemoryStore:
+class RedisMemoryStore(StreamAndAdminMixin):
     """`MemoryStore` on Redis. Thread-safe (redis-py pools connections per thread of use)."""
 
     def __init__(
@@ -391,61 +386,6 @@ class RedisMemoryStore:
             rows = pipe.execute()
         return [[_s(v) for v in row] for row in rows]
 
-    # -- event stream ----------------------------------------------------------------------------
-    def stream_last_id(self) -> str:
-        """Id of the newest event ("0-0" if none). Read it *before* a scan so nothing is missed."""
-        with self._guard("stream_last_id"):
-            rows = self._r.xrevrange(self.events_key, count=1)
-        return rows[0][0].decode() if rows else "0-0"
-
-    def stream_info(self) -> dict[str, Any] | None:
-        """XINFO STREAM of the event stream (None if it does not exist yet)."""
-        from redis.exceptions import ResponseError
-
-        try:
-            return dict(self._r.xinfo_stream(self.events_key))
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            with self._guard("stream_info"):
-                raise
-        except Exception:
-            with self._guard("stream_info"):
-                raise
-
-    def stream_first_id(self) -> str | None:
-        """Id of the oldest event still in the stream (None if empty): detects a trimmed gap."""
-        with self._guard("stream_first_id"):
-            rows = self._r.xrange(self.events_key, count=1)
-        return rows[0][0].decode() if rows else None
-
-    def read_events(self, after_id: str, *, count: int = 1000, block_ms: int | None = None) -> list[StreamEvent]:
-        """Events newer than `after_id` (XREAD; blocks up to `block_ms` if given and none yet)."""
-        with self._guard("read_events"):
-            res = self._r.xread({self.events_key: after_id}, count=count, block=block_ms)
-        events: list[StreamEvent] = []
-        for _, entries in res or []:
-            for entry_id, fields in entries:
-                events.append(StreamEvent(entry_id.decode(), fields[b"op"].decode(), fields[b"id"].decode()))
-        return events
-
-    # -- admin -------------------------------------------------------------------------------------
-    def memory_usage(self, doc_id: str) -> tuple[int, int]:
-        """(MEMORY USAGE of the doc hash, of the memory value), bytes as Redis accounts them."""
-        with self._guard("memory_usage"):
-            return (int(self._r.memory_usage(self.doc_key(doc_id), samples=0) or 0),
-                    int(self._r.memory_usage(self.mem_key(doc_id), samples=0) or 0))
-
-    def drop_bank(self) -> int:
-        """Delete every key of this bank (tests, benchmarks). Returns the number of keys removed."""
-        removed = 0
-        with self._guard("drop_bank"):
-            for ids in self.iter_ids(1000):
-                keys = [self.doc_key(i) for i in ids] + [self.mem_key(i) for i in ids]
-                removed += int(self._r.delete(*keys))
-            removed += int(self._r.delete(self.ids_key, self.events_key, self.cv_key))
-        return removed
-
     def close(self) -> None:
         try:
             self._r.close()
@@ -453,7 +393,7 @@ class RedisMemoryStore:
             if self._on_close is not None:
                 self._on_close()
 
-    def __enter__(self) -> "RedisMemoryStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

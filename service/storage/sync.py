@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Collection
 from datetime import datetime
+from typing import Self
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ import torch
 from service.errors import StorageUnavailableError
 from service.storage.base import IndexEntry
 from service.storage.index import SearchHit, VectorIndex
-from service.storage.redis_store import RedisMemoryStore, StreamEvent
+from service.storage.redis_store import RedisMemoryStore
+from service.storage.redis_stream import StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class SyncedIndex:
         self.last_error: StorageUnavailableError | None = None
 
     # -- start-up -----------------------------------------------------------------------------
-    def start(self, *, follow: bool = True) -> "SyncedIndex":
+    def start(self, *, follow: bool = True) -> SyncedIndex:
         """Rebuild from Redis, hook local writes, and (if `follow`) start the follower thread."""
         self.store.add_listener(self._on_local_write)
         self.rebuild()
@@ -200,7 +202,7 @@ class SyncedIndex:
             self._thread = None
         self.store.remove_listener(self._on_local_write)
 
-    def __enter__(self) -> "SyncedIndex":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch
 from service.storage.base import DocumentInput
 
 K, D = 16, 384
-T0 = datetime(2024, 2, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 2, 1, tzinfo=UTC)
 
 
 def memory_for(i: int, k: int = K, d: int = D) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import itertools
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_exact_top1_is_self_and_k_larger_than_size() -> None:
     idx.upsert(entries(keys))
     hits = idx.search(keys[7], 1000)
     assert len(hits) == 50 and hits[0].id == "d7" and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
     with pytest.raises(InvalidInputError):
         idx.search(np.ones(15, np.float32), 3)
     with pytest.raises(InvalidInputError):
@@ -74,7 +75,7 @@ def test_filters_return_topk_among_matches(approx: VectorIndex, data: tuple[np.n
     bank, queries = data
     src = np.array([i % 10 for i in range(len(bank))])
     pub_h = np.array([i % 1000 for i in range(len(bank))])
-    lo, hi = datetime(2024, 2, 5, tzinfo=timezone.utc), datetime(2024, 2, 6, tzinfo=timezone.utc)  # hours 96..119
+    lo, hi = datetime(2024, 2, 5, tzinfo=UTC), datetime(2024, 2, 6, tzinfo=UTC)  # hours 96..119
     cases = [
         ({"source": "src3"}, src == 3),  # 10%: graph search with a selector
         ({"source": ["src3", "src4", "src5", "src6"]}, np.isin(src, [3, 4, 5, 6])),
@@ -105,7 +106,7 @@ def test_deletes_and_updates_with_hnsw(data: tuple[np.ndarray, np.ndarray]) -> N
     idx.remove(gone)
     assert len(idx) == 1500
     for q in queries[:10]:
-        assert not set(h.id for h in idx.search(q, 10)) & set(gone)
+        assert not {h.id for h in idx.search(q, 10)} & set(gone)
     target = idx.search(queries[0], 1)[0].id
     idx.upsert([IndexEntry(id=target, key=-queries[0], compressor_version="v2", source=None,
                            published_at=None, received_at=T0)])  # move it to the far side

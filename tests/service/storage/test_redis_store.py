@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -84,7 +84,7 @@ def test_delete_visible_to_local_index_immediately(store: RedisMemoryStore) -> N
 
 
 def test_list_and_count_paging(store: RedisMemoryStore) -> None:
-    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
     items = [(doc(i, received_at=t0 + timedelta(seconds=i)), *memory_for(i)) for i in range(25)]
     store.put_many(items, "v1")
     page1, page2, page3 = store.list(0, 10), store.list(10, 10), store.list(20, 10)
