@@ -169,6 +169,9 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+        from service.storage.redis_store import RedisMemoryStore
+
+        RedisMemoryStore(REDIS, bank="bench").drop_bank()  # leave the shared Redis as we found it
 
 
 if __name__ == "__main__":
