@@ -1,35 +1,80 @@
-"""`cmt-serve`: run the service with uvicorn; settings from CMT_* variables and these flags."""
+"""Console commands: `cmt-serve` runs the service, `cmt-reindex` re-compresses the stored
+documents with the configured checkpoint. Settings come from CMT_* variables and these flags."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-import uvicorn
-
-from service.app import create_app
 from service.settings import Settings
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="CMT memory service")
-    parser.add_argument("--host", help="bind address (CMT_HOST)")
-    parser.add_argument("--port", type=int, help="port (CMT_PORT)")
+def _parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--llm", help="frozen LLM: local dir or hub id (CMT_LLM)")
     parser.add_argument("--checkpoint", help="checkpoint dir (CMT_CHECKPOINT)")
     parser.add_argument("--redis-url", help="Redis URL; absent = embedded redis-server (CMT_REDIS_URL)")
     parser.add_argument("--data-dir", help="embedded Redis data folder (CMT_DATA_DIR)")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = Settings(**overrides)
+    parser.add_argument("--bank", help="memory bank name (CMT_BANK)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"CMT memory service on http://{settings.host}:{settings.port}  (API docs at /docs)")
-    print(f"  ingest: curl -X POST http://{settings.host}:{settings.port}/documents -H 'content-type: application/json' "
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """cmt-serve"""
+    import uvicorn
+
+    from service.app import create_app
+
+    parser = _parser("CMT memory service")
+    parser.add_argument("--host", help="bind address (CMT_HOST)")
+    parser.add_argument("--port", type=int, help="port (CMT_PORT)")
+    settings = _settings(parser.parse_args(argv))
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"CMT memory service on {base}  (API docs at {base}/docs)")
+    print(f"  ingest: curl -X POST {base}/documents -H 'content-type: application/json' "
           "-d '{\"documents\": [{\"text\": \"...\"}]}'")
-    print(f"  ask:    curl -X POST http://{settings.host}:{settings.port}/ask -H 'content-type: application/json' "
-          "-d '{\"question\": \"...\"}'")
-    # One worker per process: the models live in this process (see README for scaling out).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    print(f"  ask:    curl -X POST {base}/ask -H 'content-type: application/json' -d '{{\"question\": \"...\"}}'")
+    # One worker per process: the models live in this process; scale out with replicas.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=30)
+
+
+def reindex_main(argv: list[str] | None = None) -> int:
+    """cmt-reindex: bring every stored memory to the configured checkpoint's compressor version."""
+    from service.runtime.engine import Engine
+    from service.storage.embedded import EmbeddedRedis
+    from service.storage.redis_store import RedisMemoryStore
+    from service.storage.reindex import reindex
+
+    parser = _parser("Re-compress every stored document with the configured checkpoint (resumable).")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    del args.no_progress
+    settings = _settings(args)
+    engine = Engine.load(settings)
+
+    def compress(texts: list[str]):
+        out = engine.compress(texts)
+        return out.memory, out.key  # (B, k, d_m) fp16, (B, d_m)
+
+    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start()
+    store = RedisMemoryStore(settings.redis_url or embedded.url, bank=settings.bank)
+    try:
+        stats = reindex(store, compress, engine.compressor_version, batch_size=settings.ingest_batch_size,
+                        progress=progress)
+        left = store.stale_count(engine.compressor_version)
+    finally:
+        store.close()
+        if embedded is not None:
+            embedded.stop()  # only stops a server this command started itself
+    print(f"reindex to {engine.compressor_version}: {stats}; stale documents left: {left}")
+    return 0 if left == 0 else 1
 
 
 if __name__ == "__main__":
