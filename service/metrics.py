@@ -1,40 +1,297 @@
-"""Prometheus metrics of one app instance (own registry, so several apps in one process do not clash)."""
+"""Prometheus metrics of one app instance (own registry, so several apps in one process do not clash).
+
+Names carry the `cmt_` prefix and base units (seconds, bytes); counters are exposed with
+`_total`. Everything the dashboards in `docker/grafana/dashboards/` query is defined here, and
+`tests/deploy/test_dashboards.py` fails if a dashboard names a metric this module does not export.
+
+Multi-worker semantics: the service runs **one uvicorn worker per process (one per pod)**: the
+models live in the process, so several workers would each load them. Every metric is therefore
+per process and exact; Prometheus scrapes each replica (pod) and dashboards aggregate with
+`sum` (rates, queue depths) or `max` (bank-wide gauges such as `cmt_bank_documents`, which every
+replica reports identically because they read the same Redis bank). prometheus-client's
+multiprocess mode is deliberately not used: it cannot express the scrape-time gauges below.
+
+Recorded where they happen:
+- HTTP: `cmt_http_requests_total` and `cmt_http_request_duration_seconds` by route template
+  (``/documents/{doc_id}``, unmatched paths as ``unmatched``), method and status;
+  `cmt_http_requests_in_flight`. A streamed response is timed until its headers are sent.
+- /ask: `cmt_ask_stage_duration_seconds{stage}` (encode, retrieve, fetch, aggregate, align,
+  generate, queue), `cmt_ask_generated_tokens_total{mode}` (batch: tokens; stream: text pieces
+  sent, one per token that changed the text), `cmt_ask_time_to_first_token_seconds` (streams).
+- Batchers: `cmt_batch_size{batcher}` and `cmt_batch_duration_seconds{batcher}` (the ingest
+  batcher's duration is the compression time of Θ), `cmt_queue_depth{batcher}`.
+- Ingest: `cmt_ingest_documents_received_total`, `cmt_ingest_documents_total{status}` with
+  status new | replaced | unchanged (stored or already stored) | rejected (the request failed).
+- Redis: `cmt_redis_operation_duration_seconds{op}` and `cmt_redis_errors_total{op,cause}` for
+  every store operation (the blocking stream read is counted, not timed).
+
+Computed at scrape time (`StateCollector`): queue depths, index size/kind/stale documents, the
+bank's documents, memories per compressor version and bytes (cached `bank_stats_ttl_s`: never a
+SCAN per scrape), GPU memory when the models run on CUDA.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from service.runtime.state import AppState
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Stages range from ~0.1 ms (retrieve over a small bank) to seconds (generate).
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
+# Loopback Redis: GET ≈ 0.1 ms, a 32-memory MGET ≈ 3 ms (DESIGN.md §3).
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Store operations that block by design (XREAD BLOCK of the sync follower): counted, not timed.
+BLOCKING_OPS = frozenset({"read_events"})
+
+
+@dataclass(frozen=True)
+class BankStats:
+    documents: int
+    memories_by_version: dict[str, int]
+    memory_bytes: int
+    text_bytes: int
+    text_sampled: int  # documents whose text length was read (== documents: exact)
+
+
+def read_bank_stats(store: Any, memory_size: Any, sample: int = 256) -> BankStats:
+    """Bank size from Redis in two round trips, whatever the bank's size (no SCAN).
+
+    Documents: ZCARD of the id set. Memories per compressor version: the counts the write
+    scripts maintain. Memory bytes: counts × the encoded size of one memory of that version
+    (`memory_size(cv)`: exact for the serving compressor's k × d_m). Text bytes: exact (HSTRLEN of every text) up to `sample` documents,
+    beyond that the mean of `sample` random documents (ZRANDMEMBER) × documents.
+    """
+    r = store._r
+    with store._guard("bank_stats"):
+        pipe = r.pipeline(transaction=False)
+        pipe.zcard(store.ids_key)
+        pipe.hgetall(store.cv_key)
+        n, raw = pipe.execute()
+        n = int(n)
+        versions = {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+        ids = r.zrange(store.ids_key, 0, -1) if n <= sample else r.zrandmember(store.ids_key, sample)
+        lengths: list[int] = []
+        if ids:
+            pipe = r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hstrlen(store.doc_key(i.decode()), "text")
+            lengths = [int(x) for x in pipe.execute()]
+    text = sum(lengths) if n <= sample else round(sum(lengths) / max(len(lengths), 1) * n)
+    mem = sum(c * memory_size(cv) for cv, c in versions.items())
+    return BankStats(n, versions, mem, text, len(lengths))
+
+
+class StateCollector:
+    """Scrape-time gauges read from the running app's state (bound in the lifespan)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self.m.state
+        queue = GaugeMetricFamily("cmt_queue_depth", "Items waiting in a batcher's queue", labels=["batcher"])
+        index_docs = GaugeMetricFamily("cmt_index_documents", "Live documents in this replica's top-k index")
+        index_kind = GaugeMetricFamily(
+            "cmt_index_kind", "Top-k index kind (state set: 1 for the kind in use)", labels=["kind"])
+        stale = GaugeMetricFamily(
+            "cmt_index_stale_documents", "Indexed documents made by another compressor version (await reindex)")
+        docs = GaugeMetricFamily("cmt_bank_documents", "Documents stored in the Redis bank")
+        mems = GaugeMetricFamily("cmt_bank_memories", "Stored memories by compressor version",
+                                 labels=["compressor_version"])
+        mem_bytes = GaugeMetricFamily("cmt_bank_memory_bytes", "Bytes of stored memory values (encoded, exact)")
+        text_bytes = GaugeMetricFamily(
+            "cmt_bank_text_bytes", "Bytes of stored document texts (UTF-8; sampled above cmt_bank_stats sample size)")
+        age = GaugeMetricFamily("cmt_bank_stats_age_seconds", "Age of the cached bank statistics")
+        gpu_alloc = GaugeMetricFamily("cmt_gpu_memory_allocated_bytes", "GPU memory held by tensors (torch)",
+                                      labels=["device"])
+        gpu_res = GaugeMetricFamily("cmt_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator",
+                                    labels=["device"])
+        gpu_total = GaugeMetricFamily("cmt_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"])
+        if state is not None:
+            queue.add_metric(["ingest"], state.ingest.batcher.queue_depth)
+            queue.add_metric(["ask"], state.ask_batcher.queue_depth)
+            index_docs.add_metric([], len(state.index))
+            approx = bool(getattr(getattr(state.index, "index", state.index), "is_approximate", False))
+            index_kind.add_metric(["exact"], 0 if approx else 1)
+            index_kind.add_metric(["hnsw"], 1 if approx else 0)
+            stale.add_metric([], state.index.stale_count(state.engine.compressor_version))
+            stats, at = self.m.bank_stats()
+            if stats is not None:
+                docs.add_metric([], stats.documents)
+                for cv, c in sorted(stats.memories_by_version.items()):
+                    mems.add_metric([cv], c)
+                mem_bytes.add_metric([], stats.memory_bytes)
+                text_bytes.add_metric([], stats.text_bytes)
+                age.add_metric([], time.monotonic() - at)
+            for device, alloc, reserved, total in gpu_memory(str(state.engine.modules.device)):
+                gpu_alloc.add_metric([device], alloc)
+                gpu_res.add_metric([device], reserved)
+                gpu_total.add_metric([device], total)
+        yield from (queue, index_docs, index_kind, stale, docs, mems, mem_bytes, text_bytes, age,
+                    gpu_alloc, gpu_res, gpu_total)
+
+
+def gpu_memory(device: str) -> list[tuple[str, int, int, int]]:
+    """(device, allocated, reserved, total) bytes for a CUDA device; [] on CPU or without CUDA."""
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    return [(f"cuda:{index}", int(torch.cuda.memory_allocated(index)), int(torch.cuda.memory_reserved(index)),
+             int(total))]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, bank_stats_ttl_s: float = 15.0, bank_stats_sample: int = 256) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        # ---- HTTP ------------------------------------------------------------------------------
         self.http_requests = Counter("cmt_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.http_duration = Histogram(
-            "cmt_http_request_duration_seconds", "HTTP request duration", ["route", "method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "cmt_http_request_duration_seconds", "HTTP request duration (until the response headers for streams)",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.http_in_flight = Gauge("cmt_http_requests_in_flight", "HTTP requests being served", registry=r)
+        # ---- /ask ------------------------------------------------------------------------------
         self.ask_stage = Histogram(
-            "cmt_ask_stage_duration_seconds", "Duration of each /ask stage per batch", ["stage"],
+            "cmt_ask_stage_duration_seconds", "Duration of each /ask stage (per batch; queue: per request)", ["stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )
+        self.tokens_generated = Counter(
+            "cmt_ask_generated_tokens", "Answer tokens generated (stream: text pieces sent)", ["mode"], registry=r)
+        self.ask_ttft = Histogram(
+            "cmt_ask_time_to_first_token_seconds", "Streamed /ask: request to first answer text", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # ---- batchers --------------------------------------------------------------------------
+        self.batch_size = Histogram("cmt_batch_size", "Items per model batch", ["batcher"], buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.batch_duration = Histogram(
+            "cmt_batch_duration_seconds", "Model time per batch (ingest: compression by Θ)", ["batcher"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.batch_size = Histogram(
-            "cmt_batch_size", "Items per model batch", ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        # ---- ingest ----------------------------------------------------------------------------
+        self.ingest_received = Counter("cmt_ingest_documents_received", "Documents received by POST /documents",
+                                       registry=r)
+        self.documents = Counter(
+            "cmt_ingest_documents", "Documents by outcome: new, replaced, unchanged, rejected", ["status"], registry=r)
+        # ---- Redis -----------------------------------------------------------------------------
+        self.redis_duration = Histogram(
+            "cmt_redis_operation_duration_seconds", "Duration of a memory-bank operation on Redis", ["op"],
+            buckets=REDIS_BUCKETS, registry=r,
         )
-        self.batch_duration = Histogram(
-            "cmt_batch_duration_seconds", "Model time per batch", ["batcher"], buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.tokens_generated = Counter("cmt_tokens_generated", "Answer tokens generated", registry=r)
-        self.documents = Counter("cmt_ingest_documents", "Documents received by outcome", ["status"], registry=r)
-        self.queue_depth = Gauge("cmt_queue_depth", "Items waiting in a batcher", ["batcher"], registry=r)
-        self.index_documents = Gauge("cmt_index_documents", "Documents in the top-k index", registry=r)
+        self.redis_errors = Counter("cmt_redis_errors", "Failed memory-bank operations on Redis", ["op", "cause"],
+                                    registry=r)
+        # ---- process / models ------------------------------------------------------------------
         self.model_load_seconds = Gauge("cmt_model_load_seconds", "Time to load the models at start", registry=r)
-        self.checkpoint = Info("cmt_checkpoint", "Checkpoint being served", registry=r)
+        self.checkpoint = Info("cmt_checkpoint", "Checkpoint and LLM being served", registry=r)
+        # ---- scrape time -----------------------------------------------------------------------
+        self.state: AppState | None = None
+        self.bank_stats_ttl_s = bank_stats_ttl_s
+        self.bank_stats_sample = bank_stats_sample
+        self._bank: tuple[BankStats | None, float] = (None, float("-inf"))
+        self._bank_retry_at = float("-inf")
+        self._bank_lock = threading.Lock()
+        r.register(StateCollector(self))
 
+    # ---- wiring -----------------------------------------------------------------------------------
     def on_batch(self, batcher: str):
         def record(size: int, seconds: float) -> None:
             self.batch_size.labels(batcher).observe(size)
             self.batch_duration.labels(batcher).observe(seconds)
 
         return record
+
+    def instrument_store(self, store: Any) -> None:
+        """Time every operation of a `RedisMemoryStore` and count its failures.
+
+        Every store operation runs inside `store._guard(op)` (which maps Redis errors to
+        StorageUnavailableError); this wraps that method on the instance.
+        """
+        from service.errors import StorageUnavailableError
+
+        inner = store._guard
+        duration, errors = self.redis_duration, self.redis_errors
+
+        @contextlib.contextmanager
+        def guard(op: str) -> Iterator[None]:
+            start = time.perf_counter()
+            try:
+                with inner(op):
+                    yield
+            except StorageUnavailableError as exc:
+                errors.labels(op, str((exc.details or {}).get("cause", "unknown"))).inc()
+                raise
+            finally:
+                if op not in BLOCKING_OPS:
+                    duration.labels(op).observe(time.perf_counter() - start)
+
+        store._guard = guard
+
+    def bind(self, state: AppState) -> None:
+        """Called by the lifespan once the models are loaded and the index is built."""
+        engine = state.engine
+        self.state = state
+        self.model_load_seconds.set(engine.load_seconds)
+        self.checkpoint.info({
+            "compressor_version": engine.compressor_version,
+            "checkpoint": str(engine.checkpoint_dir),
+            "llm": engine.llm.identity.name_or_path,
+            "device": str(engine.modules.device),
+            "dtype": state.settings.dtype,
+        })
+
+    def unbind(self) -> None:
+        self.state = None
+
+    # ---- scrape-time reads --------------------------------------------------------------------------
+    def bank_stats(self) -> tuple[BankStats | None, float]:
+        """Cached bank statistics, refreshed at most every `bank_stats_ttl_s` (last good value on error)."""
+        state = self.state
+        with self._bank_lock:
+            stats, at = self._bank
+            now = time.monotonic()
+            if state is None or now - at < self.bank_stats_ttl_s or now < self._bank_retry_at:
+                return stats, at
+            from service.storage import codec
+
+            engine = state.engine
+            k, d_m = engine.num_memory_tokens, engine.modules.config.compressor.memory_dim
+            try:
+                stats = read_bank_stats(state.store, lambda cv: codec.encoded_size(k, d_m, cv), self.bank_stats_sample)
+                at = time.monotonic()
+                self._bank = (stats, at)
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is down
+                self._bank_retry_at = now + self.bank_stats_ttl_s  # last good value until then
+                log.warning("bank statistics unavailable: %s", exc)
+            return self._bank
+
+    def render(self) -> bytes:
+        """The exposition text (blocking: call it off the event loop)."""
+        return generate_latest(self.registry)

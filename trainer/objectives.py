@@ -35,6 +35,8 @@ class QABatch:
     """(B,) document times (newer larger); None = all equal."""
     distractors: Sequence[str] = ()
     """Extra documents added to the bank the questions select from."""
+    distractor_timestamps: torch.Tensor | None = None
+    """(len(distractors),) their times; None = older than every gold document."""
 
 
 @dataclass
@@ -106,9 +108,13 @@ def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: O
     docs = compressor(compressor.tokenize(list(batch.documents) + list(batch.distractors)))  # (N, k, d_m)
     questions = compressor(compressor.tokenize(batch.questions))  # (B, k, d_m)
     N = docs.key.shape[0]
-    timestamps = torch.zeros(N) if batch.timestamps is None else torch.cat(
-        [batch.timestamps.float(), torch.full((N - B,), float("-inf"))]
-    )  # (N,)
+    gold_times = torch.zeros(B) if batch.timestamps is None else batch.timestamps.double()
+    other_times = (
+        torch.full((N - B,), float("-inf"), dtype=torch.float64)
+        if batch.distractor_timestamps is None
+        else batch.distractor_timestamps.double()
+    )
+    timestamps = torch.cat([gold_times, other_times])  # (N,)
     gold = torch.arange(B, device=docs.key.device)  # (B,)
 
     top_k = min(config.top_k, N) if config.use_top_k else N
