@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(BIN)/cmt-serve
 
 test: $(STAMP)
+	bash .ci/system-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

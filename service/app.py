@@ -44,12 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = embedded.url
             log.info("embedded redis at %s (AOF in %s)", url, settings.data_dir)
         store = RedisMemoryStore(url, bank=settings.bank)
+        metrics.instrument_store(store)
         try:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
-            metrics.model_load_seconds.set(engine.load_seconds)
-            metrics.checkpoint.info({"compressor_version": engine.compressor_version,
-                                     "checkpoint": str(engine.checkpoint_dir), "llm": engine.llm.identity.name_or_path})
             index = await run_in_threadpool(
                 SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
             )
@@ -59,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ingest.batcher.start()
             ask_batcher.start()
             app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, embedded)
+            metrics.bind(app.state.cmt)
             log.info("ready: %d documents indexed", len(index))
             yield
             # Graceful shutdown: uvicorn has stopped accepting requests; queued work is finished.
@@ -66,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await ingest.batcher.close()
             index.close()
         finally:
+            metrics.unbind()
             store.close()
             if embedded is not None:
                 embedded.stop()
@@ -82,10 +82,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length and length.isdigit() and int(length) > max_body:
             return error_response(413, "payload_too_large", f"request body over {max_body} bytes")
         start = time.perf_counter()
-        response = await call_next(request)
+        metrics.http_in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            metrics.http_in_flight.dec()
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - start)
+        status = str(response.status_code)
+        metrics.http_requests.labels(route, request.method, status).inc()
+        metrics.http_duration.labels(route, request.method, status).observe(time.perf_counter() - start)
         return response
 
     return app

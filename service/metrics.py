@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -50,6 +57,8 @@ if TYPE_CHECKING:
     from service.runtime.state import AppState
 
 log = logging.getLogger(__name__)
+# No `*_created` series: in the text format they are extra gauges per label set that no panel uses.
+disable_created_metrics()
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
