@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     checkpoint: Path | None = None
     """Checkpoint directory of Θ/ψ/π trained for `llm`."""
     demo_dir: Path = Path(".data/demo")
-    """Where the demo LLM and checkpoint are built once and cached (used when llm is None)."""
+    """Where the demo LLM and checkpoint are trained once and cached (used when llm and checkpoint are None)."""
     device: str = "cpu"
     """torch device: cpu, cuda, cuda:1 ..."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

@@ -13,8 +13,8 @@ n prompt+answer tokens, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,10 @@ class ObjectiveConfig:
     """Put the gold document into the selection when top-k missed it."""
     use_top_k: bool = True
     """False = attend to the whole bank (the MAC-style ablation)."""
+    contrastive_weight: float = 0.0
+    """Weight of an extra InfoNCE retrieval loss (question key vs every bank document's key, the
+    gold one as target); not in the paper: it trains the top-k key much faster than self-matching."""
+    contrastive_temperature: float = 0.05
 
 
 @dataclass
@@ -61,6 +65,7 @@ class LossTerms:
     self_match: torch.Tensor
     retrieval_hits: float
     """Share of examples whose gold document top-k selected by itself."""
+    contrastive: torch.Tensor | None = None
 
 
 def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], template: str = PROMPT_TEMPLATE):
@@ -135,4 +140,14 @@ def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: O
     qa = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     sm = self_matching_loss(questions.key, docs.key[:B], config.self_match_lambda)
     total = qa + config.self_match_weight * sm if config.self_match_weight > 0 else qa
-    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits)
+    contrastive = None
+    if config.contrastive_weight > 0:
+        contrastive = contrastive_retrieval_loss(questions.key, docs.key, config.contrastive_temperature)
+        total = total + config.contrastive_weight * contrastive
+    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive)
+
+
+def contrastive_retrieval_loss(question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: question_keys (B, d_m) against bank_keys (N, d_m), N >= B, gold of question i is row i."""
+    logits = question_keys @ bank_keys.T / temperature  # (B, N)
+    return F.cross_entropy(logits.float(), torch.arange(len(question_keys), device=logits.device))

@@ -38,9 +38,10 @@ class Engine:
         start = time.perf_counter()
         llm_path, checkpoint = settings.llm, settings.checkpoint
         if llm_path is None and checkpoint is None:
-            from service.demo import ensure_demo_models  # built once, cached under demo_dir
+            # Trained once on the synthetic news stream (about 9 CPU minutes), cached in demo_dir.
+            from trainer.demo import ensure_demo_checkpoint
 
-            llm_dir, checkpoint = ensure_demo_models(settings.demo_dir)
+            llm_dir, checkpoint = ensure_demo_checkpoint(settings.demo_dir)
             llm_path = str(llm_dir)
         if llm_path is None or checkpoint is None:
             raise CheckpointError("set both CMT_LLM and CMT_CHECKPOINT (or neither, for the demo models)")
