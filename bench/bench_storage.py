@@ -75,7 +75,7 @@ def docs_batch(start: int, n: int, keys: np.ndarray, n_chars: int) -> list[tuple
     mem = torch.randn(n, K, D).to(torch.float16)  # (n, K, D)
     return [
         (DocumentInput(f"doc-{i}", text_of(i, n_chars), title=f"Title of document {i}", source=f"source-{i % 20}",
-                       published_at=T0 + timedelta(minutes=i)), mem[j], torch.from_numpy(keys[i]))
+                       published_at=T0 + timedelta(minutes=i)), mem[j], torch.from_numpy(keys[i]).half())  # fp16 key, as the service stores it
         for j, i in enumerate(range(start, start + n))
     ]
 

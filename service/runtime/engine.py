@@ -65,9 +65,9 @@ class Engine:
         return self.modules.config.aggregator.max_docs
 
     def compress(self, texts: Sequence[str]) -> Compressed:
-        """Θ on CPU/GPU; memories come back on the CPU in fp16 (what is stored), keys in fp32."""
+        """Θ on CPU/GPU; memory and key come back on the CPU in fp16, exactly what is stored."""
         out = self.modules.compressor.compress(list(texts))
-        return Compressed(out.memory.to("cpu", torch.float16), out.key.to("cpu", torch.float32))
+        return Compressed(out.memory.to("cpu", torch.float16), out.key.to("cpu", torch.float16))
 
     def encode_questions(self, questions: Sequence[str]) -> Compressed:
         """Θ(q) kept on the model's device in fp32 (ψ reads its tokens)."""

@@ -19,7 +19,7 @@ from service.storage import codec
 from service.storage.base import DocumentInput, MemoryWrite, PutResult, content_hash
 from service.storage.redis_store import RedisMemoryStore
 
-Compressed1 = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp32
+Compressed1 = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp16
 
 
 def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, Compressed1]:
@@ -80,5 +80,5 @@ class IngestService:
             writes = [MemoryWrite(d, mem, key) for d, (mem, key) in zip(todo, compressed)]
             results = await run_in_threadpool(self.store.put_many, writes, cv)
             written = {r.id: r for r in results}
-        size = codec.encoded_size(self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim, cv)
+        size = codec.encoded_size(self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim, cv, key_bytes=2)
         return [written.get(d.id) or PutResult(d.id, "unchanged", unchanged[d.id], size) for d in docs]

@@ -48,8 +48,9 @@ def test_ingest_ask_get_list_delete_round_trip(client):
 
 
 def test_same_text_is_unchanged_and_new_text_replaces(client):
-    ingest(client, DOCS[:1])
-    assert ingest(client, DOCS[:1])[0]["status"] == "unchanged"
+    first = ingest(client, DOCS[:1])[0]
+    again = ingest(client, DOCS[:1])[0]
+    assert again["status"] == "unchanged" and again["memory_bytes"] == first["memory_bytes"]
     changed = [{**DOCS[0], "text": "Zorvath city reported a storm on 1 February."}]
     replaced = ingest(client, changed)[0]
     assert replaced["status"] == "replaced" and replaced["version"] == 2

@@ -19,6 +19,16 @@ def test_round_trip_is_bit_exact_fp16_and_bf16() -> None:
         assert torch.equal(k2, key)
 
 
+def test_fp16_key_is_stored_in_two_bytes_per_value_and_decodes_exactly() -> None:
+    memory, key = torch.randn(16, 384).half(), torch.nn.functional.normalize(torch.randn(384), dim=0).half()
+    value = codec.encode(memory, key, "v1")
+    assert len(value) == codec.encoded_size(16, 384, "v1", key_bytes=2) == codec.encoded_size(16, 384, "v1") - 2 * 384
+    m2, k2, _ = codec.decode(value)
+    assert torch.equal(m2, memory) and torch.equal(k2, key.float())
+    prefix = codec.decode_prefix(value[: codec.prefix_length(value[: codec.HEADER_SIZE])])
+    assert torch.equal(torch.from_numpy(prefix.key), key.float())
+
+
 def test_prefix_decodes_key_without_memory() -> None:
     memory, key = torch.randn(4, 8).half(), torch.randn(8)
     value = codec.encode(memory, key, "v1")
