@@ -150,7 +150,7 @@ class Compressor(nn.Module):
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).last_hidden_state  # (N, L, d_e)
         hidden = self.in_proj(hidden) + self.chunk_embedding(batch.chunk_index)[:, None]  # (N, L, d_m)
-        B, (N, L, d_m) = batch.num_docs, hidden.shape
+        B, (_, L, d_m) = batch.num_docs, hidden.shape
         C = int(batch.chunk_index.max()) + 1
         packed = hidden.new_zeros(B, C, L, d_m)  # (B, C, L, d_m)
         packed = packed.index_put((batch.doc_index, batch.chunk_index), hidden)

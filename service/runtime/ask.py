@@ -20,11 +20,9 @@ from service.models.llm import Generation, GenerationConfig
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
-from service.storage.index import SearchHit
+from service.storage.index import SearchHit, order_chronologically
 from service.storage.redis_store import RedisMemoryStore
 from service.storage.sync import SyncedIndex
-
-STAGES = ("encode", "retrieve", "fetch", "aggregate", "align", "generate")
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ class AskService:
 
         A document deleted between search and fetch is a miss and simply left out.
         """
-        ordered = [sorted(h, key=lambda x: (x.published_at or x.received_at, x.received_at), reverse=True) for h in hits]
+        ordered = [order_chronologically(h)[::-1] for h in hits]  # newest first: recency rank 0
         ids = sorted({h.id for row in ordered for h in row})
         stored = dict(zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version)))
         kept = [[h for h in row if stored.get(h.id) is not None] for row in ordered]
