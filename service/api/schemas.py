@@ -72,7 +72,7 @@ class AskIn(Strict):
     question: str = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
-    alpha: float = Field(0.0, ge=0.0, le=10.0, description="Memory-aware decoding weight")
+    alpha: float | None = Field(None, ge=0.0, le=10.0, description="Memory-aware decoding weight; default: the α the checkpoint was trained with")
     temperature: float | None = Field(None, ge=0.01, le=5.0, description="Sample at this temperature; greedy when absent")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

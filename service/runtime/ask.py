@@ -56,7 +56,7 @@ class AskService:
     settings: Settings
 
     def item(
-        self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float, filters: AskFilters,
+        self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float | None, filters: AskFilters,
         **sampling,
     ) -> AskItem:
         """Validate one request against the limits; clear 4xx errors."""
@@ -73,6 +73,7 @@ class AskService:
         max_new = self.settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= max_new <= self.settings.max_new_tokens:
             raise InvalidInputError(f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}")
+        alpha = self.engine.default_alpha if alpha is None else alpha
         return AskItem(question, top_k, GenerationConfig(max_new_tokens=max_new, alpha=alpha, **sampling), filters)
 
     # ---- stages (run in the batcher's thread) ------------------------------------------------

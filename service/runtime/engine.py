@@ -31,6 +31,8 @@ class Engine:
     compressor_version: str
     checkpoint_dir: Path
     load_seconds: float
+    default_alpha: float = 0.0
+    """Memory-aware α the checkpoint was trained with: the /ask default when a request gives none."""
 
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
@@ -47,7 +49,8 @@ class Engine:
             raise CheckpointError("set both CMT_LLM and CMT_CHECKPOINT (or neither, for the demo models)")
         llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype])
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
-        engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start)
+        alpha = float(config.get("metrics", {}).get("alpha", 0.0))
+        engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha)
         log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", llm_path, checkpoint,
                  engine.compressor_version, engine.load_seconds)
         return engine

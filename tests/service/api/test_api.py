@@ -157,3 +157,24 @@ def test_health_ready_metrics_and_openapi(client):
     assert 'cmt_http_requests_total{method="POST",route="/ask",status="200"}' in text
     assert "cmt_ask_stage_duration_seconds_bucket" in text
     assert json.loads(client.get("/openapi.json").text)["paths"]["/ask"]
+
+
+def test_ask_defaults_to_the_alpha_the_checkpoint_was_trained_with(model_dirs, tmp_path):
+    import shutil
+
+    from service.runtime.ask import AskFilters
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(model_dirs[1], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["metrics"]["alpha"] = 0.7
+    (ckpt / "config.json").write_text(json.dumps(config))
+    settings = make_settings(model_dirs, checkpoint=ckpt)
+    try:
+        with TestClient(create_app(settings)) as client:
+            ask = client.app.state.cmt.ask
+            assert ask.item("q", None, None, None, AskFilters()).generation.alpha == 0.7
+            assert ask.item("q", None, None, 0.0, AskFilters()).generation.alpha == 0.0
+            assert client.post("/ask", json={"question": "Any news?"}).status_code == 200
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
