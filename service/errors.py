@@ -78,13 +78,6 @@ class StaleMemoryError(CMTError):
     http_status = 503
 
 
-class ModelError(CMTError):
-    """A model failed while serving one request."""
-
-    code = "model_error"
-    http_status = 500
-
-
 class OverloadedError(CMTError):
     """The service's queues are full; the client should retry after a while."""
 

@@ -175,7 +175,6 @@ class HFCausalLM:
             probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    @torch.inference_mode()
     def stream(
         self,
         prompts: Sequence[str],
@@ -184,7 +183,18 @@ class HFCausalLM:
         config: GenerationConfig = GenerationConfig(),
     ) -> Iterator[torch.Tensor]:
         """Yields the next token of every row, (B,), step by step (the caller decides when to stop)."""
-        input_ids, attention_mask = self.encode(prompts)  # (B, n)
+        return self._steps(*self.encode(prompts), prefix, prefix_mask, config)
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: KVPrefix | None,
+        prefix_mask: torch.Tensor | None,
+        config: GenerationConfig,
+    ) -> Iterator[torch.Tensor]:
+        """The decode loop over left-padded input_ids, attention_mask (B, n)."""
         B = input_ids.shape[0]
         two_pass = config.alpha > 0 and prefix is not None
         if two_pass:  # rows B..2B-1: the same prompts with the prefix masked out, l(y | q)
@@ -218,11 +228,11 @@ class HFCausalLM:
         config: GenerationConfig = GenerationConfig(),
     ) -> list[Generation]:
         """Answers for a batch; each row stops at EOS, a stop string or max_new_tokens."""
+        input_ids, attention_mask = self.encode(prompts)  # (B, n)
         B = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(B)]
         reasons: list[str | None] = [None] * B
-        texts = [""] * B
-        for token in self.stream(prompts, prefix, prefix_mask, config):
+        for token in self._steps(input_ids, attention_mask, prefix, prefix_mask, config):
             for i, t in enumerate(token.tolist()):
                 if reasons[i] is not None:
                     continue
@@ -231,16 +241,20 @@ class HFCausalLM:
                     continue
                 tokens[i].append(t)
                 if config.stop_strings:
-                    texts[i] = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    if any(s in texts[i] for s in config.stop_strings):
+                    _, stopped = cut_at_stop(self.tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings)
+                    if stopped:
                         reasons[i] = "stop"
             if all(r is not None for r in reasons):
                 break
-        prompt_lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        prompt_lengths = attention_mask.sum(dim=1).tolist()  # (B,) real prompt tokens
         out = []
         for i in range(B):
-            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-            if reasons[i] == "stop":
-                text = text[: min(text.find(s) for s in config.stop_strings if s in text)]
-            out.append(Generation(text.strip(), tokens[i], reasons[i] or "length", prompt_lengths[i]))
+            text, _ = cut_at_stop(self.tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings)
+            out.append(Generation(text.strip(), tokens[i], reasons[i] or "length", int(prompt_lengths[i])))
         return out
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string it contains, and whether one was found."""
+    found = [text.find(s) for s in stop_strings if s in text]
+    return (text[: min(found)], True) if found else (text, False)

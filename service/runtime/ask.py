@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
-from service.models.llm import Generation, GenerationConfig
+from service.models.llm import Generation, GenerationConfig, cut_at_stop
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
@@ -157,14 +157,12 @@ class AskService:
                 if t in llm.eos_ids:
                     return
                 tokens.append(t)
-                text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
-                stop = [text.find(s) for s in item.generation.stop_strings if s in text]
-                if stop:
-                    text = text[: min(stop)]
+                text, stopped = cut_at_stop(llm.tokenizer.decode(tokens, skip_special_tokens=True),
+                                            item.generation.stop_strings)
                 if len(text) > len(sent):
                     yield text[len(sent) :]
                     sent = text
-                if stop:
+                if stopped:
                     return
 
         return hits[0], pieces()
