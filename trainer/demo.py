@@ -21,19 +21,19 @@ from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import DEMO_SYNTHETIC, synthetic_stream, write_jsonl
 from trainer.train import TrainConfig, train
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 MARKER = "demo.json"
 # One-word answers from small shared pools (12 per kind) about invented companies: the setting in
 # which ~7 CPU minutes of Θ/ψ/π training learn to carry facts. With the default stream (60 values
 # per kind, two-word names, 4 kinds) the same budget did not get off the ground (valid EM ≈ 0).
 DEMO_STREAM = DEMO_SYNTHETIC
 LLM_CONFIG = BaseLLMConfig(arch="gpt2", hidden_size=256, num_layers=4, num_heads=4, steps=400, batch_size=32, max_positions=384, max_seconds=420)
-DEMO_BUDGET_S = {"llm": 420, "cmt": 480}
+DEMO_BUDGET_S = {"llm": 420, "cmt": 660}
 
 
 def demo_train_config(out: Path, llm_dir: Path, max_seconds: float) -> TrainConfig:
     return TrainConfig(
-        llm=str(llm_dir), out=str(out), seed=0, epochs=12, batch_size=16, lr=1e-3, warmup=20, top_k=1,
+        llm=str(llm_dir), out=str(out), seed=0, epochs=16, batch_size=16, lr=1e-3, warmup=20, top_k=1,
         memory_tokens=8, prefix_len=8, compressor_layers=2, aggregator_layers=1, heads=8, aligner_hidden=256,
         distractors=4, max_docs=8, self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=100,
         valid_questions=120, max_seconds=max_seconds,

@@ -89,6 +89,14 @@ class Compressor(nn.Module):
         self.out_norm = nn.LayerNorm(d_m)
         self.key_proj = nn.Linear(d_m, d_m)
 
+    def train(self, mode: bool = True) -> "Compressor":
+        """A frozen backbone stays in eval mode: its dropout would otherwise make training see noisy
+        features that inference never sees (and make cached backbone states depend on when they were cached)."""
+        super().train(mode)
+        if not self.config.train_backbone:
+            self.backbone.eval()
+        return self
+
     @classmethod
     def from_backbone(cls, config: CompressorConfig) -> "Compressor":
         """Loads the backbone named in the config (local path, hub id or the packaged MiniLM)."""

@@ -20,6 +20,14 @@ def test_memory_and_key_shapes_and_normalised_key(compressor, paragraphs):
     assert torch.allclose(out.key.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
+def test_frozen_backbone_stays_in_eval_mode_so_training_sees_the_features_inference_sees(compressor, paragraphs):
+    compressor.train()
+    assert compressor.blocks.training and not compressor.backbone.training
+    batch = compressor.tokenize(paragraphs[:2])
+    runs = [compressor.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]), "backbone dropout is active in training"
+
+
 def test_batching_documents_of_different_lengths_matches_one_by_one(compressor, paragraphs):
     texts = [paragraphs[0], "A short note.", paragraphs[1] * 3]
     together = compressor.compress(texts)
