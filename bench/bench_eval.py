@@ -2,12 +2,9 @@
 ablation runs (same budget, one term off each), then the streamed evaluation report.
 
     .venv/bin/python bench/bench_eval.py --cache ~/.cache/cmt-demo --out bench/results/eval-synthetic \
-        [--ablations] [--data synthetic:3000] [--max-questions 400]
+        [--ablations] [--data synthetic-demo:7000] [--max-questions 400]
 
-SQuAD / ArchivalQA-proxy need a base LLM and checkpoint trained on those data:
-    python -m trainer.base_llm --data squad --out runs/llm-squad
-    python -m trainer.train --llm runs/llm-squad --data squad --out runs/cmt-squad
-    python -m trainer.evaluate --llm runs/llm-squad --checkpoint runs/cmt-squad/best --data squad --out runs/eval-squad
+SQuAD / ArchivalQA-proxy: bench/bench_eval_real.py.
 """
 
 from __future__ import annotations
@@ -45,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/cmt-demo"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/eval-synthetic"))
-    parser.add_argument("--data", default="synthetic-demo:3000", help="test stream (same seed as training: entity-disjoint)")
+    parser.add_argument("--data", default="synthetic-demo:7000",
+                        help="test stream (same seed as training: entity-disjoint); 7000 entities give a test stream "
+                             "over 10x longer than the part holding the retention questions")
     parser.add_argument("--max-questions", type=int, default=0)
     parser.add_argument("--ablations", action="store_true", help="train the three ablation checkpoints first")
     parser.add_argument("--threads", type=int, default=0)
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, change) in enumerate(ABLATIONS.items()):
             out = args.cache / f"ablation{i}"
             if not (out / "best" / "config.json").is_file():
-                config = dataclasses.replace(main_config, out=str(out), **change)
+                # same epochs as the main run; the wall-time cap only guards against a run that never ends
+                config = dataclasses.replace(main_config, out=str(out), max_seconds=4 * main_config.max_seconds, **change)
                 train(config, llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
             ablations[name] = str(out / "best")
     docs = load_source(args.data, "test", seed=DEMO_STREAM.seed)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import bm25s
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -66,7 +65,7 @@ def generation_config(alpha: float = 0.0) -> GenerationConfig:
 
 def answer_cmt(
     modules: CMTModules, llm: HFCausalLM, bank: Bank, questions: Sequence[str], top_k: int | None, alpha: float = 0.0,
-    batch_size: int = 32,
+    batch_size: int = 64,
 ) -> tuple[list[str], list[list[str]]]:
     """CMT answers and the selected document ids. top_k None = the whole bank (up to max_docs)."""
     pipeline = CMTPipeline(modules, llm)
@@ -94,7 +93,7 @@ def fit_prompt(llm: HFCausalLM, question: str, document: str | None) -> str:
     return RAG_TEMPLATE.format(document=llm.tokenizer.decode(ids[:keep]), question=question)
 
 
-def answer_prompts(llm: HFCausalLM, prompts: Sequence[str], batch_size: int = 16) -> tuple[list[str], list[int]]:
+def answer_prompts(llm: HFCausalLM, prompts: Sequence[str], batch_size: int = 64) -> tuple[list[str], list[int]]:
     preds, lengths = [], []
     for i in range(0, len(prompts), batch_size):
         for g in llm.generate(list(prompts[i : i + batch_size]), config=generation_config()):
@@ -129,31 +128,17 @@ def evaluate_cmt(
 # ---- retrieval baselines ----------------------------------------------------------------------------
 
 
-class BM25:
-    def __init__(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self.docs = [Counter(normalize_answer(t).split()) for t in texts]
-        self.lengths = [sum(d.values()) for d in self.docs]
-        self.avg = sum(self.lengths) / max(1, len(self.lengths))
-        df = Counter(w for d in self.docs for w in d)
-        n = len(self.docs)
-        self.idf = {w: math.log(1 + (n - c + 0.5) / (c + 0.5)) for w, c in df.items()}
-        self.k1, self.b = k1, b
-
-    def scores(self, query: str) -> torch.Tensor:
-        words = normalize_answer(query).split()
-        out = torch.zeros(len(self.docs))
-        for i, (d, length) in enumerate(zip(self.docs, self.lengths)):
-            s = 0.0
-            for w in words:
-                tf = d.get(w)
-                if tf:
-                    s += self.idf[w] * tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * length / self.avg))
-            out[i] = s
-        return out
+def bm25_top(texts: Sequence[str], queries: Sequence[str], k: int) -> torch.Tensor:
+    """Indices (Q, k) of the k best texts per query by BM25 (bm25s, Lucene variant) over SQuAD-normalised words."""
+    retriever = bm25s.BM25(k1=1.5, b=0.75)
+    retriever.index([normalize_answer(t).split() for t in texts], show_progress=False)
+    top, _ = retriever.retrieve([normalize_answer(q).split() or [""] for q in queries], k=min(k, len(texts)), show_progress=False)
+    return torch.as_tensor(top)
 
 
-def _recall(scores: torch.Tensor, gold: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (Q, K)
+def _recall(scores_or_top: torch.Tensor, gold: Sequence[int], ks: Sequence[int] = (1, 5), ranked: bool = False) -> dict[str, float]:
+    """Recall@k of the gold index, from a (Q, N) score matrix or, when ranked, from (Q, K) best indices."""
+    top = scores_or_top if ranked else scores_or_top.topk(min(max(ks), scores_or_top.shape[1]), dim=1).indices  # (Q, K)
     g = torch.tensor(gold)[:, None]
     return {f"recall_at_{k}": 100.0 * (top[:, :k] == g).any(dim=1).float().mean().item() for k in ks}
 
@@ -179,8 +164,7 @@ def retrieval_recall(modules: CMTModules, docs: Sequence[dict[str, Any]], exs: S
         return torch.cat(parts)
 
     out["minilm_mean_pooled_untrained"] = _recall(pooled(questions) @ pooled([d["text"] for d in docs]).T, gold)
-    bm25 = BM25([d["text"] for d in docs])
-    out["bm25"] = _recall(torch.stack([bm25.scores(qq) for qq in questions]), gold)
+    out["bm25"] = _recall(bm25_top([d["text"] for d in docs], questions, 5), gold, ranked=True)
     return out
 
 
@@ -268,16 +252,15 @@ def run_evaluation(
     first_docs = [d for d in test_docs if d.get("questions")][:retention_docs]
     first_pos = test_docs.index(first_docs[-1]) + 1 if first_docs else 0
     first_ex = examples(first_docs)
-    curve = []
-    for m in retention_multiples:
-        n = min(len(test_docs), max(first_pos, m * retention_docs))
-        if curve and curve[-1]["bank_docs"] == n:
-            continue
+    curve: list[dict[str, Any]] = []
+    # bank sizes: multiples of the documents streamed up to the last of those question documents, then the whole stream
+    for n in sorted({min(len(test_docs), m * first_pos) for m in retention_multiples} | {len(test_docs)}) if first_pos else []:
         sub = Bank(bank.memories[:n], bank.keys[:n], bank.timestamps[:n], bank.ids[:n])
         preds, _ = answer_cmt(modules, llm, sub, [e.question for e in first_ex], top_k, alpha)
         curve.append({"bank_docs": n, **aggregate(preds, [e.answers for e in first_ex])})
         say(f"retention @ {n} docs: {curve[-1]['em']:.1f}")
-    report["retention"] = {"first_question_docs": len(first_docs), "questions": len(first_ex), "curve": curve,
+    report["retention"] = {"first_question_docs": len(first_docs), "first_stream_docs": first_pos, "questions": len(first_ex),
+                           "curve": curve, "growth": curve[-1]["bank_docs"] / first_pos if curve else None,
                            "em_drop": (curve[0]["em"] - curve[-1]["em"]) if curve else None}
 
     # robustness: irrelevant documents as a share of the stream
@@ -330,6 +313,7 @@ def write_report(report: dict[str, Any], out: str | Path, title: str = "CMT eval
     ret = report.get("retention")
     if ret and ret["curve"]:
         lines += ["", (f"Retention: questions of the first {ret['first_question_docs']} question documents ({ret['questions']} questions) as the bank grows; "
+                  f"they sit in the first {ret.get('first_stream_docs', '?')} documents of the stream; the bank grows {ret.get('growth') or 0:.1f}x; "
                   f"EM drop {ret['em_drop']:.2f} points."), "", "| bank documents | EM | F1 |", "|---:|---:|---:|"]
         lines += [f"| {p['bank_docs']} | {p['em']:.2f} | {p['f1']:.2f} |" for p in ret["curve"]]
     if report.get("robustness"):
