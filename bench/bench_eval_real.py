@@ -31,8 +31,9 @@ from trainer.train import TrainConfig, train
 
 # RC training data of the shared base LLM: every training split, no valid/test document.
 LLM_SPLITS = [("squad", "train"), ("archivalqa", "train"), ("archivalqa", "qa_train")]
-LLM_CONFIG = BaseLLMConfig(arch="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, max_positions=512,
-                           steps=700, batch_size=24, lr=2e-3, max_seconds=900)
+# Sized for one CPU thread (≈1.5 s a step): longer paragraphs are cut to their last 384 tokens in training.
+LLM_CONFIG = BaseLLMConfig(arch="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, max_positions=384,
+                           steps=400, batch_size=16, lr=2e-3, max_seconds=900)
 # Θ/ψ/π: the demo's module sizes; epochs chosen for ≈900 optimizer steps on either dataset.
 EPOCHS = {"squad": 10, "archivalqa": 6}
 

@@ -18,6 +18,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from trainer.data import SyntheticConfig, synthetic_stream, write_jsonl
+from trainer.evaluate import main as evaluate
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -135,3 +138,17 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
             case.call_and_validate(checks=[not_a_server_error], timeout=60)
 
         call()
+
+
+def test_evaluation_command_streams_a_test_set_through_the_running_service(server, tmp_path):
+    docs = synthetic_stream(SyntheticConfig(seed=4, num_entities=20, kinds=("city",), pool_size=4, fillers=0))["train"]
+    write_jsonl(tmp_path / "news-test.jsonl", docs)
+    out = tmp_path / "report"
+    assert evaluate(["--service-url", server.url, "--data", str(tmp_path / "news-{split}.jsonl"), "--concurrency", "4",
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["rows"]
+    assert row["row"] == f"CMT through the service ({server.url})"
+    assert row["ingest"]["documents"] == len(docs) and row["ingest"]["docs_per_s"] > 0
+    assert report["questions"] == sum(len(d["questions"]) for d in docs)
+    assert "docs/s" in (out / "report.md").read_text()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import bm25s
+import httpx
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ from trainer.data import (
     timestamp,
 )
 from trainer.scoring import aggregate, normalize_answer
+from trainer.service_eval import evaluate_service
 
 MAX_NEW_TOKENS = 16
 
@@ -59,13 +61,13 @@ def compress_bank(modules: CMTModules, docs: Sequence[dict[str, Any]], batch_siz
     return Bank(torch.cat(mem), torch.cat(keys), torch.tensor(times, dtype=torch.float64), [d["doc_id"] for d in docs])
 
 
-def generation_config(alpha: float = 0.0) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, alpha=alpha, stop_strings=("\n",))
+def generation_config(alpha: float = 0.0, max_new_tokens: int = MAX_NEW_TOKENS) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, alpha=alpha, stop_strings=("\n",))
 
 
 def answer_cmt(
     modules: CMTModules, llm: HFCausalLM, bank: Bank, questions: Sequence[str], top_k: int | None, alpha: float = 0.0,
-    batch_size: int = 64,
+    batch_size: int = 64, max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> tuple[list[str], list[list[str]]]:
     """CMT answers and the selected document ids. top_k None = the whole bank (up to max_docs)."""
     pipeline = CMTPipeline(modules, llm)
@@ -73,7 +75,7 @@ def answer_cmt(
     bank = Bank(bank.memories.to(modules.device), bank.keys.to(modules.device), bank.timestamps, bank.ids)
     preds, sources = [], []
     for i in range(0, len(questions), batch_size):
-        for a in pipeline.answer(list(questions[i : i + batch_size]), bank, top_k=k, generation=generation_config(alpha)):
+        for a in pipeline.answer(list(questions[i : i + batch_size]), bank, top_k=k, generation=generation_config(alpha, max_new_tokens)):
             preds.append(a.text)
             sources.append(a.source_ids)
     return preds, sources
@@ -288,24 +290,34 @@ def run_evaluation(
 # ---- output ----------------------------------------------------------------------------------------------
 
 
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
 def write_report(report: dict[str, Any], out: str | Path, title: str = "CMT evaluation") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# {title}", "", (f"LLM `{report['llm']}`, checkpoint `{report['checkpoint']}`, α={report['alpha']}, top-k={report['top_k']}; "
+    lines = [f"# {title}", "", (f"LLM `{report.get('llm', 'served')}`, checkpoint `{report.get('checkpoint', 'served')}`, "
+             f"α={report.get('alpha', 'served')}, top-k={report.get('top_k', 'served')}; "
              f"{report['documents']} documents, {report['questions']} questions. EM/F1: official SQuAD v1.1 scoring. "
              "Prefix-EM (prediction cut to the shortest gold's length) is the looser metric of the CMT/MAC papers, reported apart."), "",
              "| row | EM | F1 | prefix-EM (papers) | stored bytes/doc | prompt positions/question |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['row']} | {r['em']:.2f} | {r['f1']:.2f} | {r['prefix_em']:.2f} | {r['stored_bytes_per_doc']:.0f} | {r['prompt_tokens']:.1f} |")
+        lines.append(f"| {r['row']} | {r['em']:.2f} | {r['f1']:.2f} | {r['prefix_em']:.2f} | {r['stored_bytes_per_doc']:.0f} | {_num(r['prompt_tokens'])} |")
+    for r in report["rows"]:
+        if "ingest" in r:
+            i, lat = r["ingest"], r["ask_latency_ms"]
+            lines += ["", (f"{r['row']}: {i['documents']} documents streamed at {i['docs_per_s']:.1f} docs/s ({i['status']}); "
+                           f"/ask latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms.")]
     kinds = [r for r in report["rows"] if "em_by_kind" in r]
     if kinds:
         names = sorted(kinds[0]["em_by_kind"])
         lines += ["", "EM by question kind (single = answer in one document; latest = a newer report supersedes an older one):", "",
                   "| row | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [f"| {r['row']} | " + " | ".join(f"{r['em_by_kind'].get(n, 0):.1f}" for n in names) + " |" for r in kinds]
-    c = report["cost"]
-    lines += ["", (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16, memory + key) vs raw text {c['raw_text_bytes_per_doc']:.0f} B "
+    c = report.get("cost")
+    lines += [] if c is None else ["", (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16, memory + key) vs raw text {c['raw_text_bytes_per_doc']:.0f} B "
               f"vs a full KV cache of the document {c['full_kv_cache_bytes_per_doc_fp16'] / 1024:.1f} KiB ({c['llm_tokens_per_doc']:.1f} LLM tokens/doc).")]
     if "retrieval" in report:
         lines += ["", "| retrieval (gold document) | recall@1 | recall@5 |", "|---|---:|---:|"]
@@ -374,8 +386,11 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", required=True, help="frozen LLM directory or hub id")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--llm", help="frozen LLM directory or hub id (with --checkpoint: the local protocol rows)")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--service-url", help="also (or only) measure the CMT row through a running service at this URL")
+    parser.add_argument("--api-key", default=None, help="the service's write key (used for /documents and /ask)")
+    parser.add_argument("--concurrency", type=int, default=8, help="questions in flight at once against the service")
     parser.add_argument("--data", default="synthetic:3000", help='"synthetic[:entities]", "squad", "archivalqa" or a JSONL pattern with {split}')
     parser.add_argument("--split", default="test")
     parser.add_argument("--seed", type=int, default=0, help="synthetic stream seed (must match the training stream's)")
@@ -388,12 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if bool(args.llm) != bool(args.checkpoint) or not (args.llm or args.service_url):
+        parser.error("give --llm with --checkpoint (local protocol), --service-url, or both")
     docs = load_source(args.data, args.split, seed=args.seed, limit=args.limit_docs or None)
-    llm = HFCausalLM.from_pretrained(args.llm, device=args.device)
-    ablations = dict(a.split("=", 1) for a in args.ablation)
-    report = run_evaluation(llm, args.checkpoint, docs, ablations=ablations, max_questions=args.max_questions,
-                            retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
-                            alpha=args.alpha, device=args.device)
+    exs = examples(docs)[: args.max_questions or None]
+    if args.llm:
+        llm = HFCausalLM.from_pretrained(args.llm, device=args.device)
+        ablations = dict(a.split("=", 1) for a in args.ablation)
+        report = run_evaluation(llm, args.checkpoint, docs, ablations=ablations, max_questions=args.max_questions,
+                                retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
+                                alpha=args.alpha, device=args.device)
+    else:
+        report = {"documents": len(docs), "questions": len(exs), "rows": []}
+    if args.service_url:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with httpx.Client(base_url=args.service_url, headers=headers, timeout=300) as client:
+            row = evaluate_service(client, docs, exs, concurrency=args.concurrency, max_new_tokens=MAX_NEW_TOKENS)
+        report["rows"].append({k: v for k, v in row.items() if k != "predictions"})
     report["data"] = {"source": args.data, "split": args.split, "seed": args.seed}
     write_report(report, args.out, title=f"CMT evaluation: {args.data} {args.split}")
     print((args.out / "report.md").read_text())

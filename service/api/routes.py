@@ -90,7 +90,8 @@ async def ask(body: AskIn, state: State):
         published_from=f.published_from if f else None,
         published_to=f.published_to if f else None,
     )
-    sampling = {"do_sample": body.temperature is not None, "temperature": body.temperature or 1.0, "top_p": body.top_p, "seed": body.seed}
+    sampling = {"do_sample": body.temperature is not None, "temperature": body.temperature or 1.0, "top_p": body.top_p, "seed": body.seed,
+                "stop_strings": tuple(body.stop or ())}
     item = state.ask.item(body.question, body.top_k, body.max_new_tokens, body.alpha, filters, **sampling)
     if body.stream:
         return await _stream(state, item)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -76,6 +76,9 @@ class AskIn(Strict):
     temperature: float | None = Field(None, ge=0.01, le=5.0, description="Sample at this temperature; greedy when absent")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
+        None, max_length=4, description='Generation stops at the first of these strings (e.g. ["\\n"]); the answer excludes it'
+    )
     filters: Filters | None = None
     stream: bool = False
 

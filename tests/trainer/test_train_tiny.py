@@ -12,11 +12,17 @@ import json
 import pytest
 import torch
 
+from fastapi.testclient import TestClient
+
+from service.app import create_app
 from service.models.checkpoint import load_checkpoint
+from service.storage.redis_store import RedisMemoryStore
+from tests.service.api.conftest import REDIS_URL, make_settings
 from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import SyntheticConfig, examples, synthetic_stream
-from trainer.evaluate import answer_prompts, evaluate_cmt, fit_prompt
+from trainer.evaluate import MAX_NEW_TOKENS, answer_prompts, evaluate_cmt, fit_prompt
 from trainer.scoring import aggregate
+from trainer.service_eval import evaluate_service
 from trainer.train import TrainConfig, train
 
 STREAM = SyntheticConfig(seed=0, num_entities=400, kinds=("city", "product"), pool_size=8, fillers=0,
@@ -47,3 +53,15 @@ def test_tiny_training_run_lowers_loss_and_beats_no_memory(tmp_path):
     none, _ = answer_prompts(llm, [fit_prompt(llm, e.question, None) for e in test])
     none_em = aggregate(none, [e.answers for e in test])["em"]
     assert cmt["em"] >= none_em + 10, f"CMT EM {cmt['em']:.1f} is not above no-memory EM {none_em:.1f}"
+
+    # The same checkpoint served over HTTP (real app, real Redis) answers as the offline evaluation does.
+    settings = make_settings((tmp_path / "llm", tmp_path / "cmt" / "best"))
+    try:
+        with TestClient(create_app(settings)) as client:
+            served = evaluate_service(client, stream["test"], test, concurrency=8, max_new_tokens=MAX_NEW_TOKENS)
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+    same = sum(a == b for a, b in zip(served["predictions"], cmt["predictions"]))
+    # fp16 memories in Redis and other batch shapes may flip a rare near-tie, nothing more
+    assert same >= 0.95 * len(test), f"only {same}/{len(test)} served answers match the offline pipeline"
+    assert served["em"] >= none_em + 10

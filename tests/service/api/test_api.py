@@ -119,10 +119,23 @@ def test_bad_documents_get_clear_errors_and_store_nothing(model_dirs, payload, s
         ({"question": "q", "alpha": -1}, 422, "invalid_input"),
         ({"question": "q" * 3000}, 413, "payload_too_large"),
         ({"question": "q", "filters": {"published_from": "yesterday"}}, 422, "invalid_input"),
+        ({"question": "q", "stop": [""]}, 422, "invalid_input"),
+        ({"question": "q", "stop": ["a", "b", "c", "d", "e"]}, 422, "invalid_input"),
     ],
 )
 def test_bad_questions_get_clear_errors(client, payload, status, code):
     assert_error(client.post("/ask", json=payload), status, code)
+
+
+def test_stop_strings_cut_the_answer_at_their_first_occurrence(client):
+    ingest(client)
+    ask = {"question": "What was the weather in Zorvath?", "max_new_tokens": 12}
+    full = client.post("/ask", json=ask).json()["answer"]
+    assert len(full) >= 3, f"need a longer greedy answer to cut: {full!r}"
+    stop = full[1:3]
+    cut = client.post("/ask", json={**ask, "stop": ["never-generated-xyz", stop]}).json()
+    assert cut["answer"] == full[: full.index(stop)]
+    assert cut["finish_reason"] == "stop"
 
 
 def test_unknown_document_is_404_and_malformed_json_is_422(client):
