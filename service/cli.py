@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from service.settings import Settings
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ingest: curl -X POST {base}/documents -H 'content-type: application/json' "
           "-d '{\"documents\": [{\"text\": \"...\"}]}'")
     print(f"  ask:    curl -X POST {base}/ask -H 'content-type: application/json' -d '{{\"question\": \"...\"}}'")
+    if settings.llm is None:  # demo models: their held-out news stream is written beside them
+        print(f"  stream the demo's held-out news and score the answers (another shell): {sys.executable} -m trainer.evaluate --service-url {base} "
+              f"--data {settings.demo_dir}/synthetic_{{split}}.jsonl --max-questions 100 --out runs/eval-served")
     # One worker per process: the models live in this process; scale out with replicas.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=30)
