@@ -88,6 +88,9 @@ class Compressor(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d_m)
         self.key_proj = nn.Linear(d_m, d_m)
+        if config.key_from_backbone:  # the key starts as the pretrained text embedding; training adds to it
+            nn.init.zeros_(self.key_proj.weight)
+            nn.init.zeros_(self.key_proj.bias)
 
     def train(self, mode: bool = True) -> "Compressor":
         """A frozen backbone stays in eval mode: its dropout would otherwise make training see noisy
@@ -157,7 +160,8 @@ class Compressor(nn.Module):
             hidden = self.backbone(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
             ).last_hidden_state  # (N, L, d_e)
-        hidden = self.in_proj(hidden) + self.chunk_embedding(batch.chunk_index)[:, None]  # (N, L, d_m)
+        tokens = self.in_proj(hidden)  # (N, L, d_m)
+        hidden = tokens + self.chunk_embedding(batch.chunk_index)[:, None]  # (N, L, d_m)
         B, (_, L, d_m) = batch.num_docs, hidden.shape
         C = int(batch.chunk_index.max()) + 1
         packed = hidden.new_zeros(B, C, L, d_m)  # (B, C, L, d_m)
@@ -170,8 +174,18 @@ class Compressor(nn.Module):
         for block in self.blocks:
             x = block(x, ctx, ctx_mask)
         memory = self.out_norm(x)  # (B, k, d_m)
-        key = F.normalize(self.key_proj(memory.mean(dim=1)), dim=-1)  # (B, d_m)
-        return Compressed(memory=memory, key=key)
+        key = self.key_proj(memory.mean(dim=1))  # (B, d_m)
+        if self.config.key_from_backbone:
+            key = key + F.normalize(self._mean_pooled(tokens, batch), dim=-1)  # (B, d_m)
+        return Compressed(memory=memory, key=F.normalize(key, dim=-1))
+
+    @staticmethod
+    def _mean_pooled(tokens: torch.Tensor, batch: ChunkedBatch) -> torch.Tensor:
+        """Mean of every real token of every chunk of a document (sentence-transformers pooling)."""
+        m = batch.attention_mask.to(tokens.dtype)  # (N, L)
+        sums = tokens.new_zeros(batch.num_docs, tokens.shape[-1]).index_add(0, batch.doc_index, (tokens * m[..., None]).sum(1))  # (B, d_m)
+        counts = m.new_zeros(batch.num_docs).index_add(0, batch.doc_index, m.sum(1))  # (B,)
+        return sums / counts.clamp(min=1)[:, None]  # (B, d_m)
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Tokenize and encode in one call (no gradients: the serving path)."""

@@ -58,6 +58,10 @@ class CompressorConfig:
     """Fine-tune the backbone too (its weights then go into the checkpoint)."""
     dropout: float = 0.0
     """Dropout inside the cross-attention blocks (training only)."""
+    key_from_backbone: bool = True
+    """The retrieval key starts as the backbone's mean-pooled text embedding (what all-MiniLM was trained
+    for) and training learns a correction on top; False = a learned projection of the memory alone, as in
+    checkpoints written before this field existed (it then had to learn retrieval from scratch)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
@@ -127,8 +131,9 @@ class CMTConfig:
                 raise InvalidInputError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
             return kind(**raw)
 
+        compressor = {"key_from_backbone": False, **data["compressor"]} if "compressor" in data else {}  # older checkpoints
         return cls(
-            compressor=build(CompressorConfig, data.get("compressor", {})),
+            compressor=build(CompressorConfig, compressor),
             aggregator=build(AggregatorConfig, data.get("aggregator", {})),
             aligner=build(AlignerConfig, data.get("aligner", {})),
         )

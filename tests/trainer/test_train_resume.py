@@ -45,13 +45,15 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path, bpe_t
     resumed = train(_config(tmp_path / "cut", resume=True), llm=llm, train_docs=stream["train"], valid_docs=[])
     assert [s["step"] for s in resumed["steps"]] == list(range(1, steps_total + 1))
     # Not bit-exact: the resumed run fills its backbone cache from other batches (other padding), which
-    # moves hidden states by float rounding (~1e-9); anything a resume bug causes is orders larger.
+    # moves hidden states by float rounding (~1e-9) and Adam turns that into weight noise of ~1e-6 on
+    # near-zero gradients. A resume bug (lost optimizer moments, schedule, data position or RNG) moves
+    # the losses and weights by the size of an update (lr = 1e-3) or more.
     assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in full["steps"]], rel=1e-6)
     assert json.loads((tmp_path / "cut" / "train_log.json").read_text())["steps"] == resumed["steps"]
     a, b = _weights(tmp_path / "full", llm), _weights(tmp_path / "cut", llm)
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), f"{name} differs after resuming: {(a[name] - b[name]).abs().max()}"
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-4), f"{name} differs after resuming: {(a[name] - b[name]).abs().max()}"
 
 
 def test_resume_without_saved_state_starts_from_scratch(tmp_path, bpe_tokenizer):

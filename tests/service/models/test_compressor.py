@@ -28,6 +28,26 @@ def test_frozen_backbone_stays_in_eval_mode_so_training_sees_the_features_infere
     assert torch.equal(runs[0], runs[1]), "backbone dropout is active in training"
 
 
+def test_untrained_key_is_the_backbones_mean_pooled_sentence_embedding(compressor, paragraphs):
+    texts = ["The Rhine flows through Basel.", paragraphs[0][:400]]
+    batch = compressor.tokenize(texts)
+    assert len(batch.doc_index) == 2, "one chunk per text here"
+    with torch.no_grad():
+        hidden = compressor.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        m = batch.attention_mask[..., None].float()
+        expected = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    assert torch.allclose(compressor.compress(texts).key, expected, atol=1e-5)
+
+
+def test_checkpoint_configs_from_before_the_pooled_key_keep_the_learned_only_key():
+    from service.models.config import CMTConfig
+
+    legacy = CMTConfig().to_dict()
+    del legacy["compressor"]["key_from_backbone"]
+    assert CMTConfig.from_dict(legacy).compressor.key_from_backbone is False
+    assert CMTConfig.from_dict(CMTConfig().to_dict()).compressor.key_from_backbone is True
+
+
 def test_batching_documents_of_different_lengths_matches_one_by_one(compressor, paragraphs):
     texts = [paragraphs[0], "A short note.", paragraphs[1] * 3]
     together = compressor.compress(texts)
