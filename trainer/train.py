@@ -78,6 +78,8 @@ class TrainConfig:
     memory_tokens: int = 8
     memory_dim: int = 384
     compressor_layers: int = 2
+    key_from_backbone: bool = True
+    """Retrieval key = the backbone's mean-pooled embedding + a learned correction (False: learned only)."""
     aggregator_layers: int = 2
     heads: int = 8
     prefix_len: int = 8
@@ -99,7 +101,7 @@ class TrainConfig:
         return CMTConfig(
             compressor=CompressorConfig(
                 num_memory_tokens=self.memory_tokens, memory_dim=self.memory_dim,
-                num_layers=self.compressor_layers, num_heads=self.heads,
+                num_layers=self.compressor_layers, num_heads=self.heads, key_from_backbone=self.key_from_backbone,
             ),
             aggregator=AggregatorConfig(
                 top_k=min(self.top_k, self.max_docs), max_docs=self.max_docs, num_layers=self.aggregator_layers, num_heads=self.heads,
@@ -275,11 +277,12 @@ def train(config: TrainConfig, llm: HFCausalLM | None = None, train_docs=None, v
         opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup)) * max(0.05, 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     )
     log: dict[str, Any] = {"config": asdict(config), "steps": [], "valid": [], "device": str(device)}
-    step, epoch0, batch0, best_em = 0, 0, 0, -1.0
+    step, epoch0, batch0, best_em, best_recall = 0, 0, 0, -1.0, -1.0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch0, batch0, best_em, log = state["step"], state["epoch"], state["batch"], state["best_em"], state["log"]
+        best_recall = state.get("best_recall", -1.0)
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["py_rng"])
 
@@ -294,20 +297,20 @@ def train(config: TrainConfig, llm: HFCausalLM | None = None, train_docs=None, v
         log["seconds"] = time.perf_counter() - start
         torch.save(
             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": batch,
-             "best_em": best_em, "log": log, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "config": asdict(config)},
+             "best_em": best_em, "best_recall": best_recall, "log": log, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(), "config": asdict(config)},
             last_dir / STATE_FILE,
         )
 
     def validate(epoch: int) -> None:
-        nonlocal best_em
+        nonlocal best_em, best_recall
         with use_cached_backbone(modules, cache):
             result = evaluate_cmt(modules, llm, valid_docs, valid_ex, alpha=config.alpha, top_k=config.top_k if config.use_top_k else None)
         modules.train()
         entry = {"epoch": epoch, "step": step, **{k: result[k] for k in ("em", "f1", "prefix_em", "recall_at_1", "n")}}
         log["valid"].append(entry)
         tqdm.write(f"epoch {epoch}: valid EM {entry['em']:.1f} F1 {entry['f1']:.1f} recall@1 {entry['recall_at_1']:.1f}")
-        if entry["em"] > best_em:
-            best_em = entry["em"]
+        if (entry["em"], entry["recall_at_1"]) > (best_em, best_recall):  # equal EM: the better retrieval wins
+            best_em, best_recall = entry["em"], entry["recall_at_1"]
             save_checkpoint(best_dir, modules, llm.identity, {"alpha": config.alpha, "valid": entry, "step": step, "train_config": asdict(config)})
 
     for epoch in range(epoch0, config.epochs):
