@@ -40,7 +40,7 @@ class Engine:
         start = time.perf_counter()
         llm_path, checkpoint = settings.llm, settings.checkpoint
         if llm_path is None and checkpoint is None:
-            # Trained once on the synthetic news stream (about 9 CPU minutes), cached in demo_dir.
+            # Trained once on the synthetic news stream (about 7-9 CPU minutes), cached in demo_dir.
             from trainer.demo import ensure_demo_checkpoint
 
             llm_dir, checkpoint = ensure_demo_checkpoint(settings.demo_dir)
