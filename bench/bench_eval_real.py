@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.models.llm import HFCausalLM
 from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import load_split
 from trainer.evaluate import run_evaluation, write_report
@@ -56,10 +57,9 @@ def ensure_llm(cache: Path) -> tuple[Path, dict]:
     return llm_dir, json.loads(metrics_file.read_text())
 
 
-def ensure_checkpoint(dataset: str, cache: Path, llm_dir: Path, max_seconds: float) -> tuple[Path, dict]:
+def ensure_checkpoint(dataset: str, cache: Path, llm: HFCausalLM, llm_dir: Path, max_seconds: float) -> tuple[Path, dict]:
     run = cache / f"cmt-{dataset}"
     if not (run / "train_log.json").is_file():
-        llm = load_base_llm(llm_dir)
         train(cmt_config(dataset, run, llm_dir, max_seconds), llm=llm, train_docs=load_split(dataset, "train"),
               valid_docs=load_split(dataset, "valid"))
     log = json.loads((run / "train_log.json").read_text())
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache.expanduser()
     t0 = time.perf_counter()
     llm_dir, llm_metrics = ensure_llm(cache)
+    llm = load_base_llm(llm_dir)  # frozen: one instance serves every training run and evaluation
     for dataset in args.datasets.split(","):
         t1 = time.perf_counter()
-        ckpt, train_info = ensure_checkpoint(dataset, cache, llm_dir, args.train_seconds)
-        llm = load_base_llm(llm_dir)
+        ckpt, train_info = ensure_checkpoint(dataset, cache, llm, llm_dir, args.train_seconds)
         report = run_evaluation(llm, ckpt, load_split(dataset, "test"), max_questions=args.max_questions)
         report["data"] = {"source": dataset, "split": "test"}
         report["bench"] = {

@@ -26,15 +26,15 @@ class ServiceEvalError(RuntimeError):
 
 
 def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    for attempt in range(RETRIES):
+    response = client.post(path, json=body)
+    for _ in range(RETRIES - 1):
+        if response.status_code != 503:
+            break
+        time.sleep(min(5.0, float(response.headers.get("Retry-After", 1))))  # queue full or Redis briefly away: wait as told
         response = client.post(path, json=body)
-        if response.status_code == 503 and attempt + 1 < RETRIES:  # queue full or Redis briefly away: wait as told
-            time.sleep(min(5.0, float(response.headers.get("Retry-After", 1))))
-            continue
-        if response.status_code >= 400:
-            raise ServiceEvalError(f"POST {path} answered {response.status_code}: {response.text[:500]}")
-        return response.json()
-    raise AssertionError("unreachable")
+    if response.status_code >= 400:
+        raise ServiceEvalError(f"POST {path} answered {response.status_code}: {response.text[:500]}")
+    return response.json()
 
 
 def _published_at(date: str | None) -> str | None:
