@@ -25,6 +25,7 @@ from trainer.data import load_source, synthetic_stream
 from trainer.demo import (
     DEMO_BUDGET_S,
     DEMO_STREAM,
+    DEMO_VERSION,
     demo_train_config,
     ensure_demo_checkpoint,
 )
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         stream = synthetic_stream(DEMO_STREAM)
         main_config = demo_train_config(args.cache / "cmt", llm_dir, DEMO_BUDGET_S["cmt"])
         for i, (name, change) in enumerate(ABLATIONS.items()):
-            out = args.cache / f"ablation{i}"
+            out = args.cache / f"ablations-v{DEMO_VERSION}" / f"ablation{i}"  # versioned: never mixed with another demo
             if not (out / "train_log.json").is_file():  # written last: a cut-off run resumes from out/last
                 # same epochs as the main run; the wall-time cap only guards against a run that never ends
                 config = dataclasses.replace(main_config, out=str(out), max_seconds=4 * main_config.max_seconds, resume=True, **change)

@@ -21,7 +21,7 @@ from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import DEMO_SYNTHETIC, synthetic_stream, write_jsonl
 from trainer.train import TrainConfig, train
 
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 MARKER = "demo.json"
 # One-word answers from small shared pools (12 per kind) about invented companies: the setting in
 # which ~7 CPU minutes of Θ/ψ/π training learn to carry facts. With the default stream (60 values

@@ -80,6 +80,9 @@ class TrainConfig:
     compressor_layers: int = 2
     key_from_backbone: bool = True
     """Retrieval key = the backbone's mean-pooled embedding + a learned correction (False: learned only)."""
+    lexical_key_weight: float = 0.5
+    """β of the key's hashed lexical part (IDF of the training documents at the start, then learned; 0 = off):
+    without it the dense key confuses invented names that share pieces ("Preirdusk Labs", "Douskveis Labs")."""
     aggregator_layers: int = 2
     heads: int = 8
     prefix_len: int = 8
@@ -102,6 +105,7 @@ class TrainConfig:
             compressor=CompressorConfig(
                 num_memory_tokens=self.memory_tokens, memory_dim=self.memory_dim,
                 num_layers=self.compressor_layers, num_heads=self.heads, key_from_backbone=self.key_from_backbone,
+                lexical_key_weight=self.lexical_key_weight,
             ),
             aggregator=AggregatorConfig(
                 top_k=min(self.top_k, self.max_docs), max_docs=self.max_docs, num_layers=self.aggregator_layers, num_heads=self.heads,
@@ -267,7 +271,10 @@ def train(config: TrainConfig, llm: HFCausalLM | None = None, train_docs=None, v
     else:
         if config.resume:
             tqdm.write(f"no training state in {last_dir}: starting from scratch")
-        modules = CMTModules.build(config.cmt_config(), llm.layout).to(device)
+        modules = CMTModules.build(config.cmt_config(), llm.layout)
+        # questions count as texts too: words only questions use ("what", "did") must not weigh most
+        modules.compressor.fit_lexical_idf([d["text"] for d in train_docs] + [e.question for e in train_ex])
+        modules = modules.to(device)
     modules.train()
     params = [p for p in modules.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

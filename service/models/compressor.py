@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from service.errors import InvalidInputError, PayloadTooLargeError
 from service.models.attention import CrossAttentionBlock
 from service.models.config import DEFAULT_BACKBONE, CompressorConfig
+from service.models.lexical_key import LexicalKey
 
 
 def resolve_backbone(name: str) -> str:
@@ -91,6 +92,9 @@ class Compressor(nn.Module):
         if config.key_from_backbone:  # the key starts as the pretrained text embedding; training adds to it
             nn.init.zeros_(self.key_proj.weight)
             nn.init.zeros_(self.key_proj.bias)
+        self.lexical_key = (
+            LexicalKey(len(tokenizer), d_m, tokenizer.all_special_ids) if config.lexical_key_weight > 0 else None
+        )
 
     def train(self, mode: bool = True) -> "Compressor":
         """A frozen backbone stays in eval mode: its dropout would otherwise make training see noisy
@@ -177,6 +181,9 @@ class Compressor(nn.Module):
         key = self.key_proj(memory.mean(dim=1))  # (B, d_m)
         if self.config.key_from_backbone:
             key = key + F.normalize(self._mean_pooled(tokens, batch), dim=-1)  # (B, d_m)
+        if self.lexical_key is not None:
+            lexical = self.lexical_key(batch.input_ids, batch.attention_mask, batch.doc_index, B)  # (B, d_m)
+            key = F.normalize(key, dim=-1) + self.config.lexical_key_weight * lexical.to(key.dtype)  # (B, d_m)
         return Compressed(memory=memory, key=F.normalize(key, dim=-1))
 
     @staticmethod
@@ -186,6 +193,12 @@ class Compressor(nn.Module):
         sums = tokens.new_zeros(batch.num_docs, tokens.shape[-1]).index_add(0, batch.doc_index, (tokens * m[..., None]).sum(1))  # (B, d_m)
         counts = m.new_zeros(batch.num_docs).index_add(0, batch.doc_index, m.sum(1))  # (B,)
         return sums / counts.clamp(min=1)[:, None]  # (B, d_m)
+
+    def fit_lexical_idf(self, texts: Sequence[str]) -> None:
+        """Start the lexical key's token weights at this corpus' IDF (a no-op without a lexical key)."""
+        if self.lexical_key is not None:
+            ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+            self.lexical_key.fit_idf(ids)
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Tokenize and encode in one call (no gradients: the serving path)."""

@@ -9,6 +9,7 @@ Letters used across `service.models`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -62,11 +63,17 @@ class CompressorConfig:
     """The retrieval key starts as the backbone's mean-pooled text embedding (what all-MiniLM was trained
     for) and training learns a correction on top; False = a learned projection of the memory alone, as in
     checkpoints written before this field existed (it then had to learn retrieval from scratch)."""
+    lexical_key_weight: float = 0.0
+    """β: weight of the hashed lexical part added to the retrieval key (service.models.lexical_key: the
+    text's distinct tokens, IDF-weighted, so that an exact match of a rare name counts as in BM25);
+    0 = a dense key only, as in checkpoints written before this field existed."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
         _check_heads(self, self.memory_dim, self.num_heads)
         _check_positive(self, "chunk_tokens")
+        if not (self.lexical_key_weight >= 0 and math.isfinite(self.lexical_key_weight)):
+            raise InvalidInputError(f"CompressorConfig.lexical_key_weight must be a finite number >= 0, got {self.lexical_key_weight}")
         if not 0 <= self.chunk_overlap < self.chunk_tokens // 2:
             raise InvalidInputError(
                 f"CompressorConfig.chunk_overlap must be in [0, chunk_tokens/2), got {self.chunk_overlap}"

@@ -49,6 +49,11 @@ def test_tiny_training_run_lowers_loss_and_beats_no_memory(tmp_path):
 
     modules, _ = load_checkpoint(tmp_path / "cmt" / "best", llm.identity, llm.layout)
     test = examples(stream["test"])
+    # the key's lexical part started from the training texts' IDF: a word of every question weighs
+    # less than the pieces of an (unseen) company name
+    lexical, tok = modules.compressor.lexical_key, modules.compressor.tokenizer
+    name_pieces = tok(stream["test"][0]["entity"], add_special_tokens=False)["input_ids"]
+    assert lexical.weight[tok.convert_tokens_to_ids("which")] < lexical.weight[name_pieces].mean()
     cmt = evaluate_cmt(modules, llm, stream["test"], test, top_k=1)
     none, _ = answer_prompts(llm, [fit_prompt(llm, e.question, None) for e in test])
     none_em = aggregate(none, [e.answers for e in test])["em"]

@@ -23,9 +23,10 @@ def _outputs(pipeline: CMTPipeline, paragraphs):
     return docs, prefix, answer
 
 
-def test_checkpoint_round_trip_reproduces_outputs_bit_exactly(make_modules, bpe_tokenizer, paragraphs, tmp_path):
+@pytest.mark.parametrize("lexical_key_weight", [0.0, 1.0])
+def test_checkpoint_round_trip_reproduces_outputs_bit_exactly(make_modules, bpe_tokenizer, paragraphs, tmp_path, lexical_key_weight):
     llm = tiny_llama(bpe_tokenizer)
-    modules = make_modules(llm, seed=3)
+    modules = make_modules(llm, seed=3, lexical_key_weight=lexical_key_weight)
     with torch.no_grad():  # move weights off their init so a skipped load would show
         for p in modules.parameters():
             if p.requires_grad:
