@@ -16,6 +16,7 @@ Writes <out>/report.json, <out>/report.md and PNG plots.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from service.models.aggregator import select_top_k
+from service.models.aggregator import select_top_k, select_top_k_recent
 from service.models.checkpoint import load_checkpoint
 from service.models.cmt import PROMPT_TEMPLATE, Bank, CMTModules, CMTPipeline
 from service.models.llm import GenerationConfig, HFCausalLM
@@ -193,17 +194,23 @@ def irrelevant_pool(docs: Sequence[dict[str, Any]], question_docs: Sequence[dict
 def run_evaluation(
     llm: HFCausalLM, checkpoint: str | Path, test_docs: Sequence[dict[str, Any]], *, ablations: dict[str, str] | None = None,
     max_questions: int = 0, retention_docs: int = 200, retention_multiples: Sequence[int] = (1, 2, 5, 10),
-    robustness_questions: int = 200, alpha: float | None = None, device: str = "cpu", progress: bool = True,
+    robustness_questions: int = 200, alpha: float | None = None, recency_margin: float | None = None, device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """The full protocol on one test stream; returns the report dictionary."""
+    """The full protocol on one test stream; returns the report dictionary. alpha and recency_margin
+    default to the checkpoint's."""
     t0 = time.perf_counter()
     modules, ckpt = load_checkpoint(checkpoint, llm.identity, llm.layout, device=device)
     alpha = ckpt["metrics"].get("alpha", 0.0) if alpha is None else alpha
+    if recency_margin is not None:
+        modules.config.aggregator = dataclasses.replace(modules.config.aggregator, recency_margin=recency_margin)
+    margin = modules.config.aggregator.recency_margin
     top_k = modules.config.aggregator.top_k
     exs = examples(test_docs)
     if max_questions:
         exs = exs[:max_questions]
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "llm": llm.identity.name_or_path, "alpha": alpha, "top_k": top_k,
+                              "recency_margin": margin,
                               "documents": len(test_docs), "questions": len(exs), "rows": []}
     say = tqdm.write if progress else (lambda *_: None)
     bank = compress_bank(modules, test_docs)
@@ -225,7 +232,7 @@ def run_evaluation(
     report["rows"].append(_row("gold doc in prompt (RAG upper bound)", gold_preds, exs, stored_bytes_per_doc=text_bytes, prompt_tokens=sum(gold_len) / len(exs)))
     say(f"gold RAG: {report['rows'][-1]['em']:.1f}")
     q_keys = modules.compressor.compress(questions).key.float().cpu() if exs else torch.empty(0)
-    top1 = (q_keys @ bank.keys.T).argmax(dim=1).tolist()
+    top1 = select_top_k_recent(q_keys, bank.keys, bank.timestamps, 1, margin).indices[:, 0].tolist()  # CMT's own selection
     rag_preds, rag_len = answer_prompts(llm, [fit_prompt(llm, e.question, docs_by_id[bank.ids[i]]["text"]) for e, i in zip(exs, top1)])
     report["rows"].append(_row("retrieved top-1 doc in prompt (RAG, CMT keys)", rag_preds, exs, stored_bytes_per_doc=text_bytes + d_m * 2,
                                prompt_tokens=sum(rag_len) / len(exs)))
@@ -299,7 +306,8 @@ def write_report(report: dict[str, Any], out: str | Path, title: str = "CMT eval
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = [f"# {title}", "", (f"LLM `{report.get('llm', 'served')}`, checkpoint `{report.get('checkpoint', 'served')}`, "
-             f"α={report.get('alpha', 'served')}, top-k={report.get('top_k', 'served')}; "
+             f"α={report.get('alpha', 'served')}, top-k={report.get('top_k', 'served')}, "
+             f"recency margin={report.get('recency_margin', 'served')}; "
              f"{report['documents']} documents, {report['questions']} questions. EM/F1: official SQuAD v1.1 scoring. "
              "Prefix-EM (prediction cut to the shortest gold's length) is the looser metric of the CMT/MAC papers, reported apart."), "",
              "| row | EM | F1 | prefix-EM (papers) | stored bytes/doc | prompt positions/question |", "|---|---:|---:|---:|---:|---:|"]
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-questions", type=int, default=0)
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--alpha", type=float, default=None, help="memory-aware decoding α (default: the checkpoint's)")
+    parser.add_argument("--recency-margin", type=float, default=None,
+                        help="newer reports within this key-score margin are selected first (default: the checkpoint's)")
     parser.add_argument("--retention-docs", type=int, default=200)
     parser.add_argument("--robustness-questions", type=int, default=200)
     parser.add_argument("--device", default="cpu")
@@ -412,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         ablations = dict(a.split("=", 1) for a in args.ablation)
         report = run_evaluation(llm, args.checkpoint, docs, ablations=ablations, max_questions=args.max_questions,
                                 retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
-                                alpha=args.alpha, device=args.device)
+                                alpha=args.alpha, recency_margin=args.recency_margin, device=args.device)
     else:
         report = {"documents": len(docs), "questions": len(exs), "rows": []}
     if args.service_url:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         with httpx.Client(base_url=args.service_url, headers=headers, timeout=300) as client:
-            row = evaluate_service(client, docs, exs, concurrency=args.concurrency, max_new_tokens=MAX_NEW_TOKENS)
+            row = evaluate_service(client, docs, exs, concurrency=args.concurrency, max_new_tokens=MAX_NEW_TOKENS,
+                                   recency_margin=args.recency_margin)
         report["rows"].append({k: v for k, v in row.items() if k != "predictions"})
     report["data"] = {"source": args.data, "split": args.split, "seed": args.seed}
     write_report(report, args.out, title=f"CMT evaluation: {args.data} {args.split}")

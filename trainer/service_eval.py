@@ -80,13 +80,16 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def evaluate_service(
     client: httpx.Client, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], concurrency: int = 8,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | None = None, recency_margin: float | None = None,
 ) -> dict[str, Any]:
-    """The report row of the service: EM/F1/prefix-EM, stored bytes, ingest rate and /ask latency."""
+    """The report row of the service: EM/F1/prefix-EM, stored bytes, ingest rate and /ask latency.
+    recency_margin None = the served checkpoint's."""
     ingest = stream_documents(client, docs)
     ask: dict[str, Any] = {"stop": ["\n"]}  # as the offline rows: the answer is the first line
     if max_new_tokens:
         ask["max_new_tokens"] = max_new_tokens
+    if recency_margin is not None:
+        ask["recency_margin"] = recency_margin
     preds, latencies = ask_all(client, exs, concurrency, **ask)
     return {
         "row": f"CMT through the service ({client.base_url})", **aggregate(preds, [e.answers for e in exs]),

@@ -88,6 +88,9 @@ class TrainConfig:
     prefix_len: int = 8
     aligner_hidden: int = 256
     max_docs: int = 32
+    recency_margin: float = 0.0
+    """Recorded in the checkpoint: at inference, newer reports within this key-score margin of the best are
+    selected first (AggregatorConfig.recency_margin); training selects by score with the gold forced in."""
     # bookkeeping
     ckpt_every: int = 200
     valid_questions: int = 200
@@ -109,6 +112,7 @@ class TrainConfig:
             ),
             aggregator=AggregatorConfig(
                 top_k=min(self.top_k, self.max_docs), max_docs=self.max_docs, num_layers=self.aggregator_layers, num_heads=self.heads,
+                recency_margin=self.recency_margin,
             ),
             aligner=AlignerConfig(prefix_len=self.prefix_len, hidden_dim=self.aligner_hidden),
         )

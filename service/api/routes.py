@@ -92,7 +92,8 @@ async def ask(body: AskIn, state: State):
     )
     sampling = {"do_sample": body.temperature is not None, "temperature": body.temperature or 1.0, "top_p": body.top_p, "seed": body.seed,
                 "stop_strings": tuple(body.stop or ())}
-    item = state.ask.item(body.question, body.top_k, body.max_new_tokens, body.alpha, filters, **sampling)
+    item = state.ask.item(body.question, body.top_k, body.max_new_tokens, body.alpha, filters,
+                          recency_margin=body.recency_margin, **sampling)
     if body.stream:
         return await _stream(state, item)
     start = time.perf_counter()

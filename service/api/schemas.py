@@ -80,6 +80,11 @@ class AskIn(Strict):
         None, max_length=4, description='Generation stops at the first of these strings (e.g. ["\\n"]); the answer excludes it'
     )
     filters: Filters | None = None
+    recency_margin: float | None = Field(
+        None, ge=0.0, le=2.0,
+        description="Prefer newer reports: each pick is the newest document scoring within this margin of the best one left "
+                    "(a later report supersedes an earlier one on the same fact); 0 = by score alone; default: the checkpoint's",
+    )
     stream: bool = False
 
 

@@ -10,6 +10,7 @@ a vector sits) and a recency embedding (rank of the document, 0 = newest), so th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,40 @@ def select_top_k(query_keys: torch.Tensor, bank_keys: torch.Tensor, top_k: int) 
     scores = query_keys @ bank_keys.to(query_keys.dtype).T  # (B, N)
     top = scores.topk(K, dim=1)  # (B, K)
     return Selection(indices=top.indices, scores=top.values)
+
+
+def recency_candidates(top_k: int) -> int:
+    """How many best-scored documents the recency rule chooses its top_k from."""
+    return max(4 * top_k, 8)
+
+
+def select_recent(scores: Sequence[float], times: Sequence[float], top_k: int, margin: float) -> list[int]:
+    """Positions of up to top_k candidates: each pick is the newest of those scoring within `margin`
+    of the best candidate left (ties in time: the better score). margin 0 = plain order by score."""
+    left = list(range(len(scores)))
+    picked = []
+    while left and len(picked) < top_k:
+        best = max(scores[i] for i in left)
+        pick = max((i for i in left if scores[i] >= best - margin), key=lambda i: (times[i], scores[i]))
+        picked.append(pick)
+        left.remove(pick)
+    return picked
+
+
+def select_top_k_recent(
+    query_keys: torch.Tensor, bank_keys: torch.Tensor, timestamps: torch.Tensor, top_k: int, margin: float
+) -> Selection:
+    """select_top_k with the recency rule of select_recent over the best recency_candidates(top_k)."""
+    if margin <= 0:
+        return select_top_k(query_keys, bank_keys, top_k)
+    pool = select_top_k(query_keys, bank_keys, recency_candidates(top_k))  # (B, C)
+    K = min(top_k, pool.indices.shape[1])
+    if K == 0:
+        return pool
+    times = timestamps.double().cpu()[pool.indices.clamp(min=0).cpu()].tolist()  # (B, C)
+    rows = [select_recent(s, t, K, margin) for s, t in zip(pool.scores.float().cpu().tolist(), times)]
+    order = torch.tensor(rows, dtype=torch.long, device=pool.indices.device).view(-1, K)  # (B, K)
+    return Selection(pool.indices.gather(1, order), pool.scores.gather(1, order))
 
 
 def order_newest_first(selection: Selection, timestamps: torch.Tensor) -> Selection:

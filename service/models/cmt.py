@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from service.errors import InvalidInputError
-from service.models.aggregator import Aggregator, Selection, order_newest_first, select_top_k
+from service.models.aggregator import Aggregator, Selection, order_newest_first, select_top_k_recent
 from service.models.aligner import Aligner
 from service.models.compressor import Compressed, Compressor
 from service.models.config import CMTConfig
@@ -128,7 +128,8 @@ class CMTPipeline:
     ) -> list[Answer]:
         top_k = top_k or self.modules.config.aggregator.top_k
         q = self.compress(questions)  # memory (B, k, d_m), key (B, d_m)
-        selection = select_top_k(q.key, bank.keys.to(q.key.device), top_k)
+        margin = self.modules.config.aggregator.recency_margin
+        selection = select_top_k_recent(q.key, bank.keys.to(q.key.device), bank.timestamps, top_k, margin)
         selection = order_newest_first(selection, bank.timestamps)
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
         prefix, has_memory = self.modules.prefix(q.memory, memories.to(q.memory), doc_mask.to(q.memory.device))

@@ -95,11 +95,17 @@ class AggregatorConfig:
     num_heads: int = 8
     """Attention heads (must divide the memory width)."""
     dropout: float = 0.0
+    recency_margin: float = 0.0
+    """Selection prefers newer reports: each pick is the newest document among those whose key score is
+    within this margin of the best one left (a later report on the same fact scores about as high as
+    the one it supersedes; service.models.aggregator.select_recent). 0 = by score alone."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
+        if not 0 <= self.recency_margin <= 2:  # also refuses NaN
+            raise InvalidInputError(f"AggregatorConfig.recency_margin must be in [0, 2] (cosine units), got {self.recency_margin}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
+from service.models.aggregator import recency_candidates, select_recent
 from service.models.llm import Generation, GenerationConfig, cut_at_stop
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
@@ -38,6 +39,8 @@ class AskItem:
     top_k: int
     generation: GenerationConfig
     filters: AskFilters = AskFilters()
+    recency_margin: float = 0.0
+    """Newer reports within this key-score margin of the best are picked first (select_recent)."""
 
 
 @dataclass
@@ -57,7 +60,7 @@ class AskService:
 
     def item(
         self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float | None, filters: AskFilters,
-        **sampling,
+        recency_margin: float | None = None, **sampling,
     ) -> AskItem:
         """Validate one request against the limits; clear 4xx errors."""
         if not question.strip():
@@ -74,21 +77,28 @@ class AskService:
         if not 1 <= max_new <= self.settings.max_new_tokens:
             raise InvalidInputError(f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}")
         alpha = self.engine.default_alpha if alpha is None else alpha
-        return AskItem(question, top_k, GenerationConfig(max_new_tokens=max_new, alpha=alpha, **sampling), filters)
+        margin = self.engine.modules.config.aggregator.recency_margin if recency_margin is None else recency_margin
+        if not 0 <= margin <= 2:
+            raise InvalidInputError(f"recency_margin must be between 0 and 2 (cosine units), got {margin}")
+        return AskItem(question, top_k, GenerationConfig(max_new_tokens=max_new, alpha=alpha, **sampling), filters, margin)
 
     # ---- stages (run in the batcher's thread) ------------------------------------------------
 
     def _retrieve(self, keys: torch.Tensor, items: list[AskItem]) -> list[list[SearchHit]]:
         if self.index.last_error is not None and len(self.index) == 0:
             raise StorageUnavailableError(f"the memory index is not available: {self.index.last_error.message}")
-        return [
-            self.index.search(
-                keys[i], item.top_k, compressor_version=self.engine.compressor_version,
-                source=item.filters.source, published_from=item.filters.published_from,
-                published_to=item.filters.published_to,
+        found = []
+        for i, item in enumerate(items):
+            hits = self.index.search(
+                keys[i], recency_candidates(item.top_k) if item.recency_margin > 0 else item.top_k,
+                compressor_version=self.engine.compressor_version, source=item.filters.source,
+                published_from=item.filters.published_from, published_to=item.filters.published_to,
             )
-            for i, item in enumerate(items)
-        ]
+            if item.recency_margin > 0:
+                times = [(h.published_at or h.received_at).timestamp() for h in hits]
+                hits = [hits[j] for j in select_recent([h.score for h in hits], times, item.top_k, item.recency_margin)]
+            found.append(hits)
+        return found
 
     def _fetch(self, hits: list[list[SearchHit]]) -> tuple[torch.Tensor, torch.Tensor, list[list[SearchHit]]]:
         """Memories (B, K, k, d_m) newest first and doc_mask (B, K), in one Redis round trip.

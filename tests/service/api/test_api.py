@@ -191,3 +191,19 @@ def test_ask_defaults_to_the_alpha_the_checkpoint_was_trained_with(model_dirs, t
             assert client.post("/ask", json={"question": "Any news?"}).status_code == 200
     finally:
         RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+
+
+def test_recency_margin_lets_a_newer_report_on_the_same_fact_win_over_an_older_closer_match(client):
+    docs = [
+        {"id": "old", "text": "Varnholt Works employs 120 people.", "published_at": "2024-01-01T00:00:00Z"},
+        {"id": "new", "text": "Varnholt Works now has a workforce of 340.", "published_at": "2024-06-01T00:00:00Z"},
+        {"id": "other", "text": "The Qelmar bridge opened to traffic in 1931.", "published_at": "2025-01-01T00:00:00Z"},
+    ]
+    ingest(client, docs)
+    ask = {"question": "How many people does Varnholt Works employ?", "top_k": 1, "max_new_tokens": 2}
+    by_score = client.post("/ask", json={**ask, "recency_margin": 0.0}).json()["sources"]
+    assert [s["id"] for s in by_score] == ["old"], "precondition: the older report is the closer match"
+    recent = client.post("/ask", json={**ask, "recency_margin": 0.5}).json()["sources"]
+    assert [s["id"] for s in recent] == ["new"] and recent[0]["score"] < by_score[0]["score"]
+    bad = client.post("/ask", json={**ask, "recency_margin": -0.1})
+    assert bad.status_code == 422 and "recency_margin" in bad.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from service.errors import InvalidInputError
-from service.models.aggregator import Selection, order_newest_first, select_top_k
+from service.models.aggregator import Selection, order_newest_first, select_recent, select_top_k, select_top_k_recent
 from service.models.cmt import Bank, CMTPipeline
 from service.models.llm import GenerationConfig
 from tests.conftest import tiny_gpt2
@@ -25,6 +25,29 @@ def test_bank_smaller_than_top_k_and_empty_bank():
     assert small.indices.shape == (2, 2) and small.mask.all()
     empty = select_top_k(q, torch.empty(0, 8), 5)
     assert empty.indices.shape == (2, 0)
+
+
+def test_newer_report_within_the_recency_margin_is_picked_before_a_better_scored_older_one():
+    scores, times = [0.90, 0.88, 0.70, 0.89], [10.0, 30.0, 50.0, 20.0]
+    assert select_recent(scores, times, 1, margin=0.0) == [0]
+    assert select_recent(scores, times, 1, margin=0.05) == [1]  # 0.88 is within 0.05 of 0.90 and newest of those
+    assert select_recent(scores, times, 3, margin=0.05) == [1, 3, 0]  # the 0.70 report is never close enough
+    assert select_recent(scores, times, 9, margin=0.0) == [0, 3, 1, 2]
+
+
+def test_select_top_k_recent_matches_the_rule_row_by_row_and_handles_an_empty_bank():
+    g = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)  # (N, d)
+    q = torch.nn.functional.normalize(bank[[4, 9]] + 0.3 * torch.randn(2, 16, generator=g), dim=-1)
+    times = torch.rand(50, generator=g, dtype=torch.float64)
+    sel = select_top_k_recent(q, bank, times, 2, margin=0.2)
+    full = q @ bank.T  # (B, N)
+    for b in range(2):
+        pool = full[b].topk(8)
+        expected = [pool.indices[j].item() for j in select_recent(pool.values.tolist(), times[pool.indices].tolist(), 2, 0.2)]
+        assert sel.indices[b].tolist() == expected
+    assert torch.equal(select_top_k_recent(q, bank, times, 2, margin=0.0).indices, select_top_k(q, bank, 2).indices)
+    assert select_top_k_recent(q, torch.empty(0, 16), torch.empty(0), 2, margin=0.2).indices.shape == (2, 0)
 
 
 def test_order_newest_first_keeps_padding_last():
