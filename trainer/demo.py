@@ -1,7 +1,7 @@
 """Demo checkpoint builder: a base LLM and a CMT checkpoint trained on the synthetic news stream.
 
-`ensure_demo_checkpoint(cache_dir)` builds both once (measured: 8 min 46 s wall on the 2-core dev
-machine, 2 torch threads: base LLM 127 s, Θ/ψ/π 398 s for 16 epochs; hard caps in DEMO_BUDGET_S keep it under 15 min) and afterwards returns the cached directories at once. A marker file
+`ensure_demo_checkpoint(cache_dir)` builds both once (measured: 8 min 25 s wall on the 2-core dev
+machine, 2 torch threads: base LLM 110 s, Θ/ψ/π 394 s for 16 epochs; hard caps in DEMO_BUDGET_S keep it under 15 min) and afterwards returns the cached directories at once. A marker file
 is written last, so an interrupted build is redone rather than half-used.
 
     python -m trainer.demo --cache ~/.cache/cmt-demo

@@ -324,6 +324,8 @@ def train(config: TrainConfig, llm: HFCausalLM | None = None, train_docs=None, v
             best_em, best_recall = entry["em"], entry["recall_at_1"]
             save_checkpoint(best_dir, modules, llm.identity, {"alpha": config.alpha, "valid": entry, "step": step, "train_config": asdict(config)})
 
+    if state is None and valid_ex:  # the start is a candidate too: a run whose training only hurts never ships worse than its start
+        validate(-1)
     for epoch in range(epoch0, config.epochs):
         batches = make_batches(train_ex, config.batch_size, random.Random(config.seed * 1000 + epoch))
         bar = tqdm(total=len(batches), initial=batch0, desc=f"epoch {epoch}", disable=not config.progress, mininterval=2, leave=False)

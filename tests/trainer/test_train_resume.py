@@ -16,11 +16,12 @@ STREAM = SyntheticConfig(seed=1, num_entities=40, kinds=("city", "staff"), pool_
 
 
 def _config(out, **change) -> TrainConfig:
-    return TrainConfig(
+    settings = dict(
         out=str(out), epochs=2, batch_size=8, lr=1e-3, warmup=2, top_k=1, memory_tokens=4, compressor_layers=1,
         aggregator_layers=1, heads=4, prefix_len=4, aligner_hidden=32, distractors=2, max_docs=6,
-        self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=1, progress=False, valid_questions=0, **change,
+        self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=1, progress=False, valid_questions=0,
     )
+    return TrainConfig(**{**settings, **change})
 
 
 def _weights(run_dir, llm) -> dict[str, torch.Tensor]:
@@ -63,3 +64,14 @@ def test_resume_without_saved_state_starts_from_scratch(tmp_path, bpe_tokenizer)
     log = train(_config(tmp_path / "fresh", resume=True, max_steps=2), llm=llm, train_docs=stream["train"], valid_docs=[])
     assert [s["step"] for s in log["steps"]] == [1, 2]
     assert (tmp_path / "fresh" / "last" / STATE_FILE).is_file()
+
+
+def test_starting_point_is_validated_so_training_that_only_hurts_never_ships_worse(tmp_path, bpe_tokenizer):
+    torch.set_num_threads(1)
+    stream = synthetic_stream(STREAM)
+    llm = tiny_gpt2(bpe_tokenizer)
+    log = train(_config(tmp_path / "run", valid_questions=20, lr=0.3), llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
+    entries = log["valid"]
+    assert [e["epoch"] for e in entries] == [-1, 0, 1] and entries[0]["step"] == 0
+    best = max(entries, key=lambda e: (e["em"], e["recall_at_1"]))  # the first of equals, as the trainer keeps it
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["metrics"]["valid"] == best
