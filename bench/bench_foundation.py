@@ -21,7 +21,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from service.models.cmt import CMTModules
-from service.models.config import CMTConfig
+from service.models.config import CMTConfig, CompressorConfig
 from service.models.llm import GenerationConfig, HFCausalLM
 from trainer.tokenizer import train_bpe_tokenizer
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lexical-key-weight", type=float, default=0.5, help="β of the key's lexical part (0 = dense key only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -55,7 +56,8 @@ def main() -> None:
     tokenizer = train_bpe_tokenizer(texts, vocab_size=4096)
     torch.manual_seed(0)
     llm = HFCausalLM(GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0)).to(device), tokenizer, "gpt2-small-random")
-    modules = CMTModules.build(CMTConfig(), llm.layout).to(device).eval()
+    config = CMTConfig(compressor=CompressorConfig(lexical_key_weight=args.lexical_key_weight))
+    modules = CMTModules.build(config, llm.layout).to(device).eval()
     compressor = modules.compressor
 
     # 1. Θ throughput on 256-token documents (one backbone window each).
@@ -72,6 +74,7 @@ def main() -> None:
         "docs_per_s_with_tokenize": args.batch / (statistics.median(t_theta) + statistics.median(tok_t)),
         "tokens_per_doc": tokens_per_doc,
         "batch": args.batch,
+        "lexical_key_weight": args.lexical_key_weight,
     }
 
     # 2. Overhead of memory at answer time.

@@ -50,8 +50,8 @@ class LexicalKey(nn.Module):
         V = len(self.weight)
         rows = doc_index[:, None].expand_as(input_ids)  # (N, L)
         real = attention_mask.bool() & self.usable[input_ids]  # (N, L)
-        present = self.weight.new_zeros(num_docs, V)  # (B, V) 1 where the text holds the token
-        present = present.index_put((rows[real], input_ids[real]), present.new_ones(()), accumulate=False)
-        weighted = present * self.weight * self.sign  # (B, V)
-        lexical = weighted.new_zeros(num_docs, self.dim).index_add(1, self.bucket, weighted)  # (B, d_m)
+        pairs = torch.unique(rows[real] * V + input_ids[real])  # (P,) each distinct (text, token) once
+        text, token = pairs // V, pairs % V  # (P,), (P,)
+        values = self.weight[token] * self.sign[token]  # (P,)
+        lexical = values.new_zeros(num_docs, self.dim).index_put((text, self.bucket[token]), values, accumulate=True)  # (B, d_m)
         return F.normalize(lexical, dim=-1)

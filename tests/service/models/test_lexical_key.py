@@ -12,7 +12,21 @@ from trainer.data import DEMO_SYNTHETIC, examples, synthetic_stream
 
 def _encode(key: LexicalKey, tokenizer, texts: list[str]) -> torch.Tensor:
     enc = tokenizer(texts, padding="longest", return_tensors="pt")
-    return key(enc["input_ids"], enc["attention_mask"], torch.arange(len(texts)), len(texts))
+    with torch.no_grad():
+        return key(enc["input_ids"], enc["attention_mask"], torch.arange(len(texts)), len(texts))
+
+
+def test_lexical_vector_is_the_signed_weighted_sum_of_the_distinct_tokens_in_their_buckets(minilm):
+    _, tok = minilm
+    key = LexicalKey(len(tok), 64, tok.all_special_ids)
+    with torch.no_grad():
+        key.weight.uniform_(0.5, 3.0, generator=torch.Generator().manual_seed(0))
+    texts = ["Varn river Oskel river", "The Qelmar bridge opened in 1931."]
+    for text, got in zip(texts, _encode(key, tok, texts)):
+        expected = torch.zeros(64)
+        for t in set(tok(text, add_special_tokens=False)["input_ids"]):
+            expected[key.bucket[t]] += key.weight[t].detach() * key.sign[t]
+        assert torch.allclose(got, torch.nn.functional.normalize(expected, dim=0), atol=1e-6)
 
 
 def test_lexical_vector_depends_on_the_set_of_tokens_not_their_order_count_or_padding(minilm):
