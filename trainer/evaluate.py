@@ -148,12 +148,17 @@ def _recall(scores_or_top: torch.Tensor, gold: Sequence[int], ks: Sequence[int] 
 
 @torch.inference_mode()
 def retrieval_recall(modules: CMTModules, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], bank: Bank) -> dict[str, dict[str, float]]:
-    """Recall@1/@5 of the gold document: trained keys, untrained MiniLM mean-pooled, BM25."""
+    """Recall@1/@5 of the gold document: trained keys (by score, and with the checkpoint's recency rule
+    when it has one), untrained MiniLM mean-pooled, BM25."""
     index = {d: i for i, d in enumerate(bank.ids)}
     gold = [index[e.doc_id] for e in exs]
     questions = [e.question for e in exs]
     q = modules.compressor.compress(questions).key.float().cpu()
     out = {"cmt_keys": _recall(q @ bank.keys.float().T, gold)}
+    margin = modules.config.aggregator.recency_margin
+    if margin > 0:
+        picked = select_top_k_recent(q, bank.keys.float(), bank.timestamps, 5, margin).indices  # (Q, 5)
+        out[f"cmt_keys_recency_margin_{margin:g}"] = _recall(picked, gold, ranked=True)
 
     backbone, tok = modules.compressor.backbone, modules.compressor.tokenizer
 
