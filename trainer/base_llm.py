@@ -35,13 +35,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from service.models.cmt import PROMPT_TEMPLATE
 from service.models.llm import HFCausalLM
+from service.models.prompts import PROFILES
 from trainer.data import examples, load_source
 from trainer.tokenizer import train_bpe_tokenizer
 
-RAG_TEMPLATE = "Document: {document}\n" + PROMPT_TEMPLATE
-"""The reading-comprehension prompt (gold or retrieved document as raw text)."""
+PROFILE = PROFILES["plain"]
+"""How the in-house base LLMs are taught to read: the "plain" prompt profile."""
 
 
 @dataclass
@@ -87,7 +87,7 @@ def build_model(config: BaseLLMConfig, tokenizer: PreTrainedTokenizerFast) -> to
 
 def training_texts(docs: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]]:
     """RC pairs (prompt, " answer") and plain documents of a training split."""
-    rc = [(RAG_TEMPLATE.format(document=e.document, question=e.question), " " + e.answers[0].strip()) for e in examples(docs)]
+    rc = [(PROFILE.context_prompt(e.question, [e.document]), " " + e.answers[0].strip()) for e in examples(docs)]
     return rc, [d["text"] for d in docs]
 
 

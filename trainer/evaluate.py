@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from service.models.aggregator import select_top_k, select_top_k_recent
 from service.models.checkpoint import load_checkpoint
-from service.models.cmt import PROMPT_TEMPLATE, Bank, CMTModules, CMTPipeline
+from service.models.cmt import Bank, CMTModules, CMTPipeline
 from service.models.llm import GenerationConfig, HFCausalLM
-from trainer.base_llm import RAG_TEMPLATE
+from service.models.prompts import PROFILES
 from trainer.data import (
     QAExample,
     examples,
@@ -85,15 +85,15 @@ def answer_cmt(
 def fit_prompt(llm: HFCausalLM, question: str, document: str | None) -> str:
     """The no-memory or RAG prompt; a document too long for the LLM's positions is cut at its end."""
     if document is None:
-        return PROMPT_TEMPLATE.format(question=question)
+        return PROFILES["plain"].question_prompt(question)
     limit = (llm.layout.max_positions or 10**9) - MAX_NEW_TOKENS - 2
-    prompt = RAG_TEMPLATE.format(document=document, question=question)
+    prompt = PROFILES["plain"].context_prompt(question, [document])
     n = len(llm.tokenizer(prompt)["input_ids"])
     if n <= limit:
         return prompt
     ids = llm.tokenizer(document)["input_ids"]
     keep = max(1, len(ids) - (n - limit) - 2)
-    return RAG_TEMPLATE.format(document=llm.tokenizer.decode(ids[:keep]), question=question)
+    return PROFILES["plain"].context_prompt(question, [llm.tokenizer.decode(ids[:keep])])
 
 
 def answer_prompts(llm: HFCausalLM, prompts: Sequence[str], batch_size: int = 64) -> tuple[list[str], list[int]]:

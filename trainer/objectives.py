@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from service.errors import InvalidInputError
 from service.models.aggregator import Selection, order_newest_first, select_top_k
-from service.models.cmt import PROMPT_TEMPLATE, CMTModules
+from service.models.cmt import CMTModules
 from service.models.llm import HFCausalLM
+from service.models.prompts import PromptProfile, get_profile
 
 
 @dataclass
@@ -68,12 +69,12 @@ class LossTerms:
     contrastive: torch.Tensor | None = None
 
 
-def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], template: str = PROMPT_TEMPLATE):
+def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None):
     """Left-padded prompt+answer ids (B, n), mask (B, n), labels (B, n) with -100 outside answers."""
-    tok = llm.tokenizer
+    tok, profile = llm.tokenizer, get_profile(profile)
     rows, label_rows = [], []
     for q, a in zip(questions, answers, strict=True):
-        prompt = tok(template.format(question=q))["input_ids"]
+        prompt = tok(profile.question_text(tok, q))["input_ids"]
         target = tok(" " + a.strip())["input_ids"] + [tok.eos_token_id]
         rows.append(prompt + target)
         label_rows.append([-100] * len(prompt) + target)

@@ -30,6 +30,7 @@ from service.models.config import CMTConfig
 from service.models.fingerprint import fingerprint
 from service.models.llm import LLMIdentity
 from service.models.prefix import KVLayout
+from service.models.prompts import PromptProfile, get_profile
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -49,9 +50,11 @@ def _state(module: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def save_checkpoint(
-    directory: str | Path, modules: CMTModules, llm: LLMIdentity, metrics: dict[str, Any] | None = None
+    directory: str | Path, modules: CMTModules, llm: LLMIdentity, metrics: dict[str, Any] | None = None,
+    prompt_profile: PromptProfile | None = None,
 ) -> Path:
-    """Write the checkpoint; returns its directory. Files are written then renamed into place."""
+    """Write the checkpoint; returns its directory. Files are written then renamed into place.
+    The prompt profile (how the LLM was asked in training) is recorded so that serving asks alike."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     states = {
@@ -74,6 +77,7 @@ def save_checkpoint(
         "backbone": backbone,
         "compressor_version": digest.hexdigest()[:16],
         "metrics": metrics or {},
+        "prompt_profile": get_profile(prompt_profile).to_dict(),
     }
     tmp = directory / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -93,6 +97,11 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version!r}; this service reads {FORMAT_VERSION}")
     return config
+
+
+def checkpoint_profile(config: dict[str, Any]) -> PromptProfile:
+    """The prompt profile a checkpoint was trained with (checkpoints from before profiles: "plain")."""
+    return get_profile(config.get("prompt_profile"))
 
 
 def check_llm(config: dict[str, Any], llm: LLMIdentity, where: str | Path) -> None:

@@ -4,7 +4,7 @@ Letters: B questions, N docs in a bank, K selected docs, k memory tokens, d_m me
 
     question ─► Θ ─► key ─► top-k over bank keys ─► memories newest first ─► ψ ─► M* ─► π ─► prefix
                  └─► Θ(q) tokens ──────────────────────────────────────────┘             │
-    prompt "Question: …\nAnswer:" ─────────────────────────────► frozen LLM (prefix) ◄──┘
+    prompt (profile) "Question: …\nAnswer:" ────────────────────────────► frozen LLM (prefix) ◄──┘
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from service.models.compressor import Compressed, Compressor
 from service.models.config import CMTConfig
 from service.models.llm import Generation, GenerationConfig, HFCausalLM
 from service.models.prefix import KVLayout, KVPrefix
-
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+from service.models.prompts import PromptProfile, get_profile
 
 
 class CMTModules(nn.Module):
@@ -103,12 +102,12 @@ class Answer:
 class CMTPipeline:
     """Θ/ψ/π plus a frozen LLM: compress documents, answer questions from a bank."""
 
-    def __init__(self, modules: CMTModules, llm: HFCausalLM, prompt_template: str = PROMPT_TEMPLATE) -> None:
+    def __init__(self, modules: CMTModules, llm: HFCausalLM, profile: PromptProfile | None = None) -> None:
         if modules.aligner.layout != llm.layout:
             raise InvalidInputError(f"aligner built for {modules.aligner.layout}, LLM needs {llm.layout}")
         self.modules = modules.eval()
         self.llm = llm
-        self.prompt_template = prompt_template
+        self.profile = get_profile(profile)
 
     def compress(self, texts: Sequence[str], batch_size: int = 32) -> Compressed:
         """Θ over texts in batches; memory (B, k, d_m), key (B, d_m)."""
@@ -116,7 +115,7 @@ class CMTPipeline:
         return Compressed(torch.cat([p.memory for p in parts]), torch.cat([p.key for p in parts]))
 
     def prompts(self, questions: Sequence[str]) -> list[str]:
-        return [self.prompt_template.format(question=q) for q in questions]
+        return [self.profile.question_text(self.llm.tokenizer, q) for q in questions]
 
     @torch.inference_mode()
     def answer(

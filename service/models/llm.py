@@ -209,8 +209,9 @@ class HFCausalLM:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
         step_ids = input_ids
         for _ in range(config.max_new_tokens):
-            logits = self.model(
-                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+            logits = self.model(  # logits of the last position only: the prompt's others would cost B'·n·V
+                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
             ).logits[:, -1].float()  # (B', V)
             if two_pass:
                 logits = (1 + config.alpha) * logits[:B] - config.alpha * logits[B:]  # (B, V)

@@ -80,7 +80,10 @@ class AskService:
         margin = self.engine.modules.config.aggregator.recency_margin if recency_margin is None else recency_margin
         if not 0 <= margin <= 2:
             raise InvalidInputError(f"recency_margin must be between 0 and 2 (cosine units), got {margin}")
-        return AskItem(question, top_k, GenerationConfig(max_new_tokens=max_new, alpha=alpha, **sampling), filters, margin)
+        # The profile's stop strings (one line is one answer) end every answer, besides the request's own.
+        stops = tuple(dict.fromkeys((*sampling.pop("stop_strings", ()), *self.engine.profile.stop_strings)))
+        generation = GenerationConfig(max_new_tokens=max_new, alpha=alpha, stop_strings=stops, **sampling)
+        return AskItem(question, top_k, generation, filters, margin)
 
     # ---- stages (run in the batcher's thread) ------------------------------------------------
 

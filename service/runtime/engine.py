@@ -14,10 +14,11 @@ from typing import Sequence
 import torch
 
 from service.errors import CheckpointError
-from service.models.checkpoint import load_checkpoint
-from service.models.cmt import PROMPT_TEMPLATE, CMTModules
+from service.models.checkpoint import checkpoint_profile, load_checkpoint
+from service.models.cmt import CMTModules
 from service.models.compressor import Compressed
 from service.models.llm import Generation, GenerationConfig, HFCausalLM
+from service.models.prompts import PromptProfile, get_profile
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class Engine:
     load_seconds: float
     default_alpha: float = 0.0
     """Memory-aware α the checkpoint was trained with: the /ask default when a request gives none."""
+    profile: PromptProfile = get_profile(None)
+    """How the checkpoint asks its LLM (recorded at training time); its stop strings end every answer."""
 
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
@@ -50,7 +53,8 @@ class Engine:
         llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype])
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
-        engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha)
+        engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,
+                     checkpoint_profile(config))
         log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", llm_path, checkpoint,
                  engine.compressor_version, engine.load_seconds)
         return engine
@@ -87,7 +91,7 @@ class Engine:
         return self.modules.aligner(m_star)
 
     def prompts(self, questions: Sequence[str]) -> list[str]:
-        return [PROMPT_TEMPLATE.format(question=q) for q in questions]
+        return [self.profile.question_text(self.llm.tokenizer, q) for q in questions]
 
     def generate(self, questions: Sequence[str], prefix, has_memory, config: GenerationConfig) -> list[Generation]:
         return self.llm.generate(self.prompts(questions), prefix, has_memory if prefix is not None else None, config)
