@@ -4,6 +4,8 @@ import pytest
 
 from trainer.scoring import (
     aggregate,
+    answer_containment,
+    answer_words,
     f1_score,
     normalize_answer,
     prefix_exact_match,
@@ -46,3 +48,41 @@ def test_aggregate_reports_percentages():
     assert f1_score("x b c", "b c d") == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         aggregate(["x"], [])
+
+
+@pytest.mark.parametrize(
+    "pred, golds, contained",
+    [
+        ("It was built in 1889 for the fair.", ["1889"], 1.0),  # long right answer: EM 0, F1 small, contained
+        ("The Denver Broncos won the game", ["Denver Broncos"], 1.0),  # normalised on both sides
+        ("in 1889", ["1"], 0.0),  # whole words only: "1" is not in "1889"
+        ("Carolina Panthers", ["Denver Broncos", "Panthers"], 1.0),  # max over golds
+        ("Carolina", ["Denver Broncos"], 0.0),
+        ("", ["Denver"], 0.0),
+        ("the", ["The"], 1.0),  # a gold that normalises to nothing matches only an empty normalised answer
+        ("the end", ["The"], 0.0),
+    ],
+)
+def test_containment_finds_the_normalised_gold_as_whole_words(pred, golds, contained):
+    assert answer_containment(pred, golds) == contained
+    assert score(pred, golds)["containment"] == contained
+
+
+def test_a_long_right_answer_is_contained_but_scores_low_f1():
+    s = score("The tower was built in 1889 for the World's Fair in Paris.", ["1889"])
+    assert s["em"] == 0.0 and s["f1"] < 0.2 and s["containment"] == 1.0
+    assert s["answer_words"] == 12
+
+
+def test_answer_words_counts_generated_words():
+    assert answer_words("") == 0
+    assert answer_words("  Denver  Broncos ") == 2
+    assert answer_words("Santa Clara, California.") == 3
+
+
+def test_aggregate_reports_containment_and_mean_length_apart():
+    out = aggregate(["built in 1889", "dog", ""], [["1889"], ["bird"], ["x"]])
+    assert out["containment"] == pytest.approx(100 / 3)
+    assert out["em"] == 0.0
+    assert out["answer_words"] == pytest.approx((3 + 1 + 0) / 3), "a mean in words, not a percentage"
+    assert aggregate([], [])["answer_words"] == 0.0
