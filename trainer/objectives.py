@@ -9,6 +9,8 @@ n prompt+answer tokens, V vocabulary.
 - Self-matching: −cos(key(q_i), key(d_i)) + λ·log Σ_{j≠i} exp(−‖key(d_i) − key(d_j)‖²).
 - Top-k aggregation over the batch's documents plus distractors, with the gold document forced
   into the selection (optional) so that early, random retrieval still lets ψ/π learn.
+- Distillation (optional): KL between the answer distribution with the memory prefix and that of the
+  same frozen LLM reading the gold paragraph in its prompt (the teacher costs one forward).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class ObjectiveConfig:
     """Weight of an extra InfoNCE retrieval loss (question key vs every bank document's key, the
     gold one as target); not in the paper: it trains the top-k key much faster than self-matching."""
     contrastive_temperature: float = 0.05
+    distill_weight: float = 0.0
+    """Weight of the KL to the same frozen LLM reading the gold paragraph in its prompt (0 = off; costs
+    one teacher forward per batch)."""
+    distill_temperature: float = 1.0
+    """Softmax temperature of that KL."""
 
 
 @dataclass
@@ -67,14 +74,16 @@ class LossTerms:
     retrieval_hits: float
     """Share of examples whose gold document top-k selected by itself."""
     contrastive: torch.Tensor | None = None
+    distill: torch.Tensor | None = None
 
 
-def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None):
-    """Left-padded prompt+answer ids (B, n), mask (B, n), labels (B, n) with -100 outside answers."""
-    tok, profile = llm.tokenizer, get_profile(profile)
+def prompt_answer_ids(llm: HFCausalLM, prompts: Sequence[str], answers: Sequence[str]):
+    """Left-padded prompt+answer ids (B, n), mask (B, n), labels (B, n) with -100 outside answers.
+    The answer ids are the same whatever the prompt, so two calls label the same tokens."""
+    tok = llm.tokenizer
     rows, label_rows = [], []
-    for q, a in zip(questions, answers, strict=True):
-        prompt = tok(profile.question_text(tok, q))["input_ids"]
+    for prompt_text, a in zip(prompts, answers, strict=True):
+        prompt = tok(prompt_text)["input_ids"]
         target = tok(" " + a.strip())["input_ids"] + [tok.eos_token_id]
         rows.append(prompt + target)
         label_rows.append([-100] * len(prompt) + target)
@@ -85,6 +94,33 @@ def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[
     for i, (r, lab) in enumerate(zip(rows, label_rows)):
         ids[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
     return ids.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+
+
+def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None):
+    """The student's rows: the question alone (the memory comes as the prefix)."""
+    profile = get_profile(profile)
+    return prompt_answer_ids(llm, [profile.question_text(llm.tokenizer, q) for q in questions], answers)
+
+
+def teacher_targets(
+    llm: HFCausalLM, questions: Sequence[str], documents: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None
+):
+    """The teacher's rows: the same LLM reading the gold paragraph in its prompt."""
+    profile = get_profile(profile)
+    prompts = [profile.context_text(llm.tokenizer, q, [d]) for q, d in zip(questions, documents, strict=True)]
+    return prompt_answer_ids(llm, prompts, answers)
+
+
+def distillation_loss(
+    student: torch.Tensor, student_labels: torch.Tensor, teacher: torch.Tensor, teacher_labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher ‖ student) per answer token (xRAG / PISCO): the memory path learns to make the LLM
+    answer as it does when it reads the paragraph. student (B, n, V), teacher (B, n', V); labels mark
+    the same answer tokens in both (prompt_answer_ids), so their positions pair up in order."""
+    s = student[:, :-1][student_labels[:, 1:] != -100].float() / temperature  # (T, V)
+    t = teacher[:, :-1][teacher_labels[:, 1:] != -100].float() / temperature  # (T, V)
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
 
 
 def self_matching_loss(question_keys: torch.Tensor, doc_keys: torch.Tensor, lam: float) -> torch.Tensor:
@@ -106,7 +142,9 @@ def _force_gold(selection: Selection, gold: torch.Tensor) -> Selection:
     return Selection(indices, scores)
 
 
-def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: ObjectiveConfig) -> LossTerms:
+def qa_objective(
+    modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: ObjectiveConfig, profile: PromptProfile | None = None
+) -> LossTerms:
     B = len(batch.questions)
     if not (B == len(batch.documents) == len(batch.answers)) or B == 0:
         raise InvalidInputError("a QA batch needs as many documents, questions and answers, at least one")
@@ -130,9 +168,9 @@ def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: O
         selection = _force_gold(selection, gold)
     selection = order_newest_first(selection, timestamps)
     memories = docs.memory[selection.indices]  # (B, K, k, d_m)
-    prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask)
+    prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask, llm)
 
-    ids, mask, labels = answer_targets(llm, batch.questions, batch.answers)
+    ids, mask, labels = answer_targets(llm, batch.questions, batch.answers, profile)
     logits = llm.forward_logits(ids, mask, prefix, has_memory)  # (B, n, V)
     if config.alpha > 0:
         with torch.no_grad():
@@ -145,7 +183,14 @@ def qa_objective(modules: CMTModules, llm: HFCausalLM, batch: QABatch, config: O
     if config.contrastive_weight > 0:
         contrastive = contrastive_retrieval_loss(questions.key, docs.key, config.contrastive_temperature)
         total = total + config.contrastive_weight * contrastive
-    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive)
+    distill = None
+    if config.distill_weight > 0:
+        with torch.no_grad():
+            t_ids, t_mask, t_labels = teacher_targets(llm, batch.questions, batch.documents, batch.answers, profile)
+            teacher = llm.forward_logits(t_ids, t_mask)  # (B, n', V)
+        distill = distillation_loss(logits, labels, teacher, t_labels, config.distill_temperature)
+        total = total + config.distill_weight * distill
+    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive, distill=distill)
 
 
 def contrastive_retrieval_loss(question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -44,23 +44,26 @@ def _backbone_identity(compressor: Compressor) -> dict[str, str]:
     }
 
 
-def _state(module: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _state(module: torch.nn.Module | dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of a module's tensors; floating ones cast to dtype when given (fp16 for shipping)."""
     state = module if isinstance(module, dict) else module.state_dict()
-    return {name: t.detach().to("cpu").clone().contiguous() for name, t in state.items()}
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
+    return {name: cast(t.detach().to("cpu")).clone().contiguous() for name, t in state.items()}
 
 
 def save_checkpoint(
     directory: str | Path, modules: CMTModules, llm: LLMIdentity, metrics: dict[str, Any] | None = None,
-    prompt_profile: PromptProfile | None = None,
+    prompt_profile: PromptProfile | None = None, dtype: torch.dtype | None = None,
 ) -> Path:
     """Write the checkpoint; returns its directory. Files are written then renamed into place.
-    The prompt profile (how the LLM was asked in training) is recorded so that serving asks alike."""
+    The prompt profile (how the LLM was asked in training) is recorded so that serving asks alike.
+    dtype (e.g. torch.float16) casts the stored weights; loading casts them back to the modules' fp32."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     states = {
-        "compressor": _state(modules.compressor.trainable_state_dict()),
-        "aggregator": _state(modules.aggregator),
-        "aligner": _state(modules.aligner),
+        "compressor": _state(modules.compressor.trainable_state_dict(), dtype),
+        "aggregator": _state(modules.aggregator, dtype),
+        "aligner": _state(modules.aligner, dtype),
     }
     for name, state in states.items():
         tmp = directory / (MODULE_FILES[name] + ".tmp")

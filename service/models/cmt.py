@@ -46,9 +46,10 @@ class CMTModules(nn.Module):
         return self.compressor.device
 
     def prefix(
-        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor
+        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: HFCausalLM | None = None
     ) -> tuple[KVPrefix | None, torch.Tensor]:
-        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K).
+        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K); the frozen LLM is
+        read by an "embeddings" aligner only.
 
         Returns the prefix (None when no row has any memory) and has_memory (B,): rows without
         memory get their prefix masked out, so the frozen LLM answers them alone.
@@ -57,7 +58,7 @@ class CMTModules(nn.Module):
         if not bool(has_memory.any()):
             return None, has_memory
         m_star = self.aggregator(question, memories, doc_mask)  # (B, k, d_m)
-        return self.aligner(m_star), has_memory
+        return self.aligner(m_star, llm), has_memory
 
 
 @dataclass
@@ -131,7 +132,7 @@ class CMTPipeline:
         selection = select_top_k_recent(q.key, bank.keys.to(q.key.device), bank.timestamps, top_k, margin)
         selection = order_newest_first(selection, bank.timestamps)
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
-        prefix, has_memory = self.modules.prefix(q.memory, memories.to(q.memory), doc_mask.to(q.memory.device))
+        prefix, has_memory = self.modules.prefix(q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm)
         gens = self.llm.generate(self.prompts(questions), prefix, has_memory if prefix is not None else None, generation)
         answers = []
         for b, gen in enumerate(gens):

@@ -34,6 +34,18 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+def keep_first_layers(backbone: PreTrainedModel, n: int) -> None:
+    """Cut the backbone to its first n transformer layers (BERT's encoder.layer, Llama's layers, GPT-2's h)."""
+    total = backbone.config.num_hidden_layers
+    stacks = [m for m in backbone.modules() if isinstance(m, nn.ModuleList) and len(m) == total]
+    if not stacks:
+        raise InvalidInputError(f"cannot find the {total} layers of backbone {type(backbone).__name__} to keep {n}")
+    if n > total:
+        raise InvalidInputError(f"backbone_layers={n} exceeds the backbone's {total} layers")
+    del stacks[0][n:]
+    backbone.config.num_hidden_layers = n
+
+
 @dataclass
 class ChunkedBatch:
     """Texts tokenized into backbone windows; chunk i belongs to document doc_index[i]."""
@@ -109,7 +121,11 @@ class Compressor(nn.Module):
         """Loads the backbone named in the config (local path, hub id or the packaged MiniLM)."""
         path = resolve_backbone(config.backbone)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:  # decoder tokenizers: padded positions are masked anyway
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         backbone = AutoModel.from_pretrained(path)
+        if config.backbone_layers:
+            keep_first_layers(backbone, config.backbone_layers)
         return cls(config, backbone, tokenizer)
 
     @property

@@ -63,6 +63,9 @@ class CompressorConfig:
     """The retrieval key starts as the backbone's mean-pooled text embedding (what all-MiniLM was trained
     for) and training learns a correction on top; False = a learned projection of the memory alone, as in
     checkpoints written before this field existed (it then had to learn retrieval from scratch)."""
+    backbone_layers: int = 0
+    """Keep only the backbone's first N layers (0 = all): e.g. the frozen LLM's own first layers as
+    Θ's encoder, whose states already speak the LLM's language (OSCAR)."""
     lexical_key_weight: float = 0.0
     """β: weight of the hashed lexical part added to the retrieval key (service.models.lexical_key: the
     text's distinct tokens, IDF-weighted, so that an exact match of a rare name counts as in BM25);
@@ -72,6 +75,8 @@ class CompressorConfig:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
         _check_heads(self, self.memory_dim, self.num_heads)
         _check_positive(self, "chunk_tokens")
+        if not isinstance(self.backbone_layers, int) or self.backbone_layers < 0:
+            raise InvalidInputError(f"CompressorConfig.backbone_layers must be an integer >= 0, got {self.backbone_layers!r}")
         if not (self.lexical_key_weight >= 0 and math.isfinite(self.lexical_key_weight)):
             raise InvalidInputError(f"CompressorConfig.lexical_key_weight must be a finite number >= 0, got {self.lexical_key_weight}")
         if not 0 <= self.chunk_overlap < self.chunk_tokens // 2:
@@ -117,8 +122,16 @@ class AlignerConfig:
     hidden_dim: int = 512
     """r: width of the shared low-rank bottleneck (keeps π small for 7B-sized LLMs)."""
 
+    mode: str = "kv"
+    """How M* reaches the LLM. "kv": a shared low-rank map straight to every layer's keys and values.
+    "embeddings": a map to p input embeddings that the frozen LLM itself reads (one forward of p
+    positions per question); its own layers then make the per-layer K/V, so every layer's prefix is
+    in that layer's distribution from the start (ICAE / xRAG-style soft tokens)."""
+
     def __post_init__(self) -> None:
         _check_positive(self, "prefix_len", "hidden_dim")
+        if self.mode not in ("kv", "embeddings"):
+            raise InvalidInputError(f'AlignerConfig.mode must be "kv" or "embeddings", got {self.mode!r}')
 
 
 @dataclass

@@ -12,6 +12,7 @@ KV prefix (service.models.prefix). Decoding is a small loop of our own rather th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from service.errors import InvalidInputError
 from service.models.fingerprint import fingerprint
+from service.models.llm_source import resolve_llm
 from service.models.prefix import KVLayout, KVPrefix
 
 
@@ -104,12 +106,18 @@ class HFCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        name_or_path: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        cache_dir: str | Path | None = None,
     ) -> "HFCausalLM":
-        """Load from a local directory or a hub id (hub ids need the network)."""
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        return cls(model.to(device), tokenizer, name_or_path)
+        """Load from a local directory, a hub id (needs the network), a .gguf file or a packaged name
+        such as smollm2-135m-instruct; GGUFs are converted once into `cache_dir` (service.models.llm_source)."""
+        source = resolve_llm(name_or_path, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        return cls(model.to(device), tokenizer, str(name_or_path))
 
     @property
     def device(self) -> torch.device:

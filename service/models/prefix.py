@@ -27,6 +27,8 @@ class KVLayout:
     head_dim: int
     max_positions: int | None
     """Position budget (GPT-2's absolute positions: the prefix uses p of them)."""
+    hidden_size: int | None = None
+    """Width of the LLM's input embeddings (what an "embeddings" aligner produces)."""
 
     @classmethod
     def from_config(cls, config: Any) -> "KVLayout":
@@ -39,6 +41,7 @@ class KVLayout:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_positions=getattr(config, "max_position_embeddings", None),
+            hidden_size=config.hidden_size,
         )
 
     @property

@@ -50,7 +50,7 @@ class Engine:
             llm_path = str(llm_dir)
         if llm_path is None or checkpoint is None:
             raise CheckpointError("set both CMT_LLM and CMT_CHECKPOINT (or neither, for the demo models)")
-        llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype])
+        llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir)
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
         engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import tiny_llama
@@ -54,3 +55,17 @@ def test_self_matching_rewards_matching_keys_and_separated_documents():
     assert aligned < shuffled
     collapsed = torch.nn.functional.normalize(torch.ones(4, 16), dim=-1)
     assert self_matching_loss(collapsed, collapsed, lam=1.0) > self_matching_loss(keys, keys, lam=1.0)
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise(llm):
+    from trainer.objectives import answer_targets, distillation_loss, teacher_targets
+
+    questions, docs, answers = ["Who?", "When did it open?"], ["Ann built it.", "It opened in 1990."], ["Ann", "1990"]
+    t_ids, t_mask, t_labels = teacher_targets(llm, questions, docs, answers)
+    s_ids, s_mask, s_labels = answer_targets(llm, questions, answers)
+    assert (t_labels != -100).sum() == (s_labels != -100).sum(), "both rows label the same answer tokens"
+    with torch.no_grad():
+        teacher = llm.forward_logits(t_ids, t_mask)
+        student = llm.forward_logits(s_ids, s_mask)
+    assert distillation_loss(teacher, t_labels, teacher, t_labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(student, s_labels, teacher, t_labels).item() > 1e-4

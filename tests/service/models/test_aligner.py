@@ -40,3 +40,22 @@ def test_bad_m_star_and_mismatched_prefix_are_refused(llm):
     wrong = KVPrefix([torch.randn(1, 7, 2, 16)] * llm.layout.num_layers, [torch.randn(1, 7, 2, 16)] * llm.layout.num_layers)
     with pytest.raises(InvalidInputError, match="kv heads"):
         wrong.check_layout(llm.layout)
+
+
+def test_embeddings_aligner_prefix_comes_from_the_llm_and_trains_through_it(llm):
+    aligner = Aligner(AlignerConfig(prefix_len=5, hidden_dim=32, mode="embeddings"), llm.layout, memory_dim=384, num_memory_tokens=4)
+    m_star = torch.randn(2, 4, 384)
+    with pytest.raises(InvalidInputError, match="needs the frozen LLM"):
+        aligner(m_star)
+    prefix = aligner(m_star, llm)
+    prefix.check_layout(llm.layout)
+    assert prefix.keys[0].shape[0] == 2 and prefix.length == 5
+    ids, mask = llm.encode(["Question: what?\nAnswer:", "Why?"])
+    llm.forward_logits(ids, mask, prefix).sum().backward()
+    assert aligner.up_proj.weight.grad is not None and aligner.up_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.model.parameters()), "the LLM stays frozen"
+
+
+def test_unknown_aligner_mode_is_refused():
+    with pytest.raises(InvalidInputError, match="mode"):
+        AlignerConfig(mode="adapter")

@@ -72,3 +72,21 @@ def test_missing_or_foreign_checkpoint_gives_clear_errors(make_modules, bpe_toke
     (tmp_path / "c" / "aligner.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot load"):
         load_checkpoint(tmp_path / "c", llm.identity, llm.layout)
+
+
+def test_fp16_checkpoint_is_half_the_size_loads_into_fp32_modules_and_keeps_the_prompt_profile(make_modules, bpe_tokenizer, tmp_path):
+    from service.models.checkpoint import checkpoint_profile
+    from service.models.prompts import PROFILES
+
+    llm = tiny_llama(bpe_tokenizer)
+    modules = make_modules(llm, seed=4)
+    save_checkpoint(tmp_path / "fp32", modules, llm.identity)
+    save_checkpoint(tmp_path / "fp16", modules, llm.identity, prompt_profile=PROFILES["fewshot"], dtype=torch.float16)
+    size = lambda d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors"))  # noqa: E731
+    assert size("fp16") < 0.55 * size("fp32")
+    loaded, config = load_checkpoint(tmp_path / "fp16", llm.identity, llm.layout)
+    assert checkpoint_profile(config) == PROFILES["fewshot"]
+    assert checkpoint_profile(json.loads((tmp_path / "fp32" / "config.json").read_text())).name == "plain"
+    for (name, a), b in zip(modules.aligner.state_dict().items(), loaded.aligner.state_dict().values()):
+        assert b.dtype == torch.float32, name
+        assert torch.equal(a.half().float(), b), name

@@ -96,3 +96,18 @@ def test_vanishing_temperature_samples_like_greedy_instead_of_crashing(llm):
     greedy = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5))
     cold = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5, do_sample=True, temperature=5e-324, seed=0))
     assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]
+
+
+def test_prefix_from_embeddings_of_real_tokens_reproduces_in_context_logits(llm):
+    """The "embeddings" aligner's path: the LLM's own K/V of input embeddings; fed the context's token
+    embeddings, it must give the in-context logits exactly (GPT-2 and Llama/GQA fixtures)."""
+    ctx = contexts(llm, len(QUESTIONS))
+    ids, mask = llm.encode(QUESTIONS)
+    with torch.no_grad():
+        prefix = llm.prefix_from_embeddings(llm.model.get_input_embeddings()(ctx))  # p = 9 positions
+        got = llm.forward_logits(ids, mask, prefix)  # (B, n, V)
+    for b in range(len(QUESTIONS)):
+        q = ids[b][mask[b].bool()]
+        with torch.no_grad():
+            ref = llm.model(input_ids=torch.cat([ctx[b], q])[None]).logits[0, ctx.shape[1] :]
+        assert (got[b, -len(q) :] - ref).abs().max().item() <= 1e-4, f"row {b}"
