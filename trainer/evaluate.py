@@ -399,7 +399,7 @@ def plot(report: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", help="frozen LLM directory or hub id (with --checkpoint: the local protocol rows)")
+    parser.add_argument("--llm", help="frozen LLM: directory, .gguf file, hub id or smollm2-135m-instruct (with --checkpoint: the local protocol rows)")
     parser.add_argument("--checkpoint")
     parser.add_argument("--service-url", help="also (or only) measure the CMT row through a running service at this URL")
     parser.add_argument("--api-key", default=None, help="the service's write key (used for /documents and /ask)")

@@ -44,7 +44,7 @@ STATE_FILE = "trainer_state.pt"
 @dataclass
 class TrainConfig:
     llm: str = ""
-    """Frozen LLM: local directory (e.g. from trainer.base_llm) or hub id."""
+    """Frozen LLM: directory (e.g. from trainer.base_llm), .gguf file, hub id or smollm2-135m-instruct."""
     data: str = "synthetic"
     """"synthetic[:entities]", "squad", "archivalqa" or a JSONL path pattern with {split}."""
     out: str = "runs/cmt"
@@ -380,7 +380,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if not config.llm:
-        parser.error("--llm (a local LLM directory or hub id) is required")
+        parser.error("--llm (an LLM directory, .gguf file, hub id or smollm2-135m-instruct) is required")
     return config
 
 
