@@ -169,6 +169,15 @@ class HFCausalLM:
         )
         return out.logits
 
+    def prefix_from_embeddings(self, embeddings: torch.Tensor) -> KVPrefix:
+        """The LLM's own K/V of p input embeddings (B, p, d_llm) at positions 0..p-1: an "embeddings"
+        aligner's prefix. Gradients flow into the embeddings when enabled (training)."""
+        B, p, _ = embeddings.shape
+        cache = DynamicCache(config=self.model.config)
+        positions = torch.arange(p, device=self.device).expand(B, p)  # (B, p)
+        self.model.base_model(inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True)
+        return KVPrefix.from_cache(cache)
+
     def _choose(self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
         """Next token (B,) from logits (B, V)."""
         if not config.do_sample:

@@ -88,7 +88,7 @@ class Engine:
 
     @torch.inference_mode()
     def align(self, m_star: torch.Tensor):
-        return self.modules.aligner(m_star)
+        return self.modules.aligner(m_star, self.llm)
 
     def prompts(self, questions: Sequence[str]) -> list[str]:
         return [self.profile.question_text(self.llm.tokenizer, q) for q in questions]
