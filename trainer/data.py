@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DATASETS = {"squad": "squad", "archivalqa": "archivalqa_proxy", "archivalqa_proxy": "archivalqa_proxy"}
+DATASETS = {
+    "squad": "squad",  # SQuAD v1.1 dev: the CaMeLS/MAC-style test stream and the rest as train/valid
+    "squad-train": "squad_train",  # SQuAD v1.1 train (17,725 train / 1,171 valid paragraphs)
+    "qed": "qed",  # Natural Questions with their Wikipedia paragraph (QED)
+    "archivalqa": "archivalqa_proxy",
+    "archivalqa_proxy": "archivalqa_proxy",
+}
+"""Ready datasets of ../shared/data by source name (several names may share a folder)."""
 
 
 # ---- files ----------------------------------------------------------------------------------------
@@ -64,7 +71,8 @@ def write_jsonl(path: str | Path, docs: Iterable[dict[str, Any]]) -> Path:
 
 
 def load_split(dataset: str, split: str, limit: int | None = None, root: Path = SHARED_DATA) -> list[dict[str, Any]]:
-    """A ready split: dataset "squad" or "archivalqa"; split "train", "valid", "test" (or "qa_train"...)."""
+    """A ready split: a DATASETS name ("squad", "squad-train", "qed", "archivalqa"); split "train", "valid",
+    "test" (or "qa_train"...) as the dataset has them."""
     folder = DATASETS.get(dataset)
     if folder is None:
         raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
@@ -73,7 +81,8 @@ def load_split(dataset: str, split: str, limit: int | None = None, root: Path = 
 
 def load_source(source: str, split: str, seed: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
     """"synthetic[:N]" (default stream, N entities), "synthetic-demo[:N]" (the demo's stream: one-word
-    answers from small pools), "squad", "archivalqa" or a JSONL path pattern with {split}."""
+    answers from small pools), a DATASETS name ("squad", "squad-train", "qed", "archivalqa") or a JSONL path
+    pattern with {split}. Mixtures of several sources: `Mixture`."""
     if source.startswith("synthetic"):
         name, _, n = source.partition(":")
         base = DEMO_SYNTHETIC if name == "synthetic-demo" else SyntheticConfig()
