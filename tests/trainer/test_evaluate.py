@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import torch
 
+from service.models.prompts import get_profile
 from trainer.data import SyntheticConfig, synthetic_stream, write_jsonl
+from trainer.eval_answer import prompt_text
 from trainer.evaluate import _recall, bm25_top, irrelevant_pool, main
 
 STREAM = SyntheticConfig(seed=2, num_entities=80, kinds=("city", "staff"), pool_size=6, fillers=0)
@@ -39,29 +42,38 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
     docs = synthetic_stream(STREAM)["train"]
     write_jsonl(tmp_path / "stream-test.jsonl", docs)
     out = tmp_path / "report"
-    assert main([
+    argv = [
         "--llm", str(llm_dir), "--checkpoint", str(ckpt_dir), "--data", str(tmp_path / "stream-{split}.jsonl"),
-        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40",
-        "--ablation", f"same={ckpt_dir}", "--out", str(out),
-    ]) == 0
+        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40", "--batch-size", "16",
+        "--ablation", f"same={ckpt_dir}", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    ]
+    assert main(argv) == 0
 
     report = json.loads((out / "report.json").read_text())
+    n = len(docs)
     assert [r["row"] for r in report["rows"]] == [
-        "no memory", "gold doc in prompt (RAG upper bound)", "retrieved top-1 doc in prompt (RAG, CMT keys)", "CMT",
-        "CMT ablation: same",
+        "no memory", "gold paragraph in prompt (ceiling)", "RAG top-1 by BM25", "RAG top-3 by BM25",
+        "RAG top-1 by CMT keys", "RAG top-3 by CMT keys", "CMT (top-3)",
+        f"CMT over the 8 best of {n} docs by key (MAC-style, capped)", "CMT ablation: same",
     ]
     rows = {r["row"]: r for r in report["rows"]}
-    assert report["questions"] == 40 and report["documents"] == len(docs)
-    assert all(0 <= r["em"] <= r["f1"] <= 100 for r in report["rows"])
-    assert rows["CMT ablation: same"]["em"] == rows["CMT"]["em"], "the same checkpoint must score the same"
-    assert rows["gold doc in prompt (RAG upper bound)"]["prompt_tokens"] > rows["no memory"]["prompt_tokens"]
-    assert rows["CMT"]["stored_bytes_per_doc"] == (4 * 384 + 384) * 2  # k=4 fp16 memories + fp16 key
+    assert report["questions"] == 40 and report["documents"] == n
+    assert report["batch_size"] == 16 and report["prompt_profile"] == report["checkpoint_prompt_profile"] == "plain"
+    for r in report["rows"]:
+        assert 0 <= r["em"] <= r["f1"] <= 100 and r["em"] <= r["containment"] <= 100, r["row"]
+        assert r["answer_words"] >= 0 and r["seconds_per_question"] > 0 and r["n"] == 40, r["row"]
+    assert rows["CMT ablation: same"]["em"] == rows["CMT (top-3)"]["em"], "the same checkpoint must score the same"
+    gold, top1, top3 = (rows[k]["prompt_tokens"] for k in ("gold paragraph in prompt (ceiling)", "RAG top-1 by BM25", "RAG top-3 by BM25"))
+    assert gold > rows["no memory"]["prompt_tokens"] and top3 > top1
+    assert rows["CMT (top-3)"]["stored_bytes_per_doc"] == (4 * 384 + 384) * 2  # k=4 fp16 memories + fp16 key
+    assert rows["RAG top-1 by CMT keys"]["stored_bytes_per_doc"] == rows["RAG top-1 by BM25"]["stored_bytes_per_doc"] + 384 * 2
+    assert rows[f"CMT over the 8 best of {n} docs by key (MAC-style, capped)"]["note"].startswith("ψ holds at most max_docs=8")
 
     ret = report["retention"]
     first = ret["first_stream_docs"]
     sizes = [p["bank_docs"] for p in ret["curve"]]
-    assert sizes == sorted({min(len(docs), m * first) for m in (1, 2, 5, 10)} | {len(docs)})
-    assert ret["growth"] == len(docs) / first and ret["questions"] == 10
+    assert sizes == sorted({min(n, m * first) for m in (1, 2, 5, 10)} | {n})
+    assert ret["growth"] == n / first and ret["questions"] == 10
 
     shares = [p["irrelevant_share"] for p in report["robustness"]]
     assert shares == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -72,4 +84,19 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
         assert 0 <= r["recall_at_1"] <= r["recall_at_5"] <= 100
     assert report["retrieval"]["bm25"]["recall_at_5"] > 50, "entity names make BM25 find the gold document"
     assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "rows.png", "retention.png", "robustness.png"}
-    assert "| CMT |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| CMT (top-3) |" in md and "| contains | words |" in md
+    assert shlex.join(argv) in md, "the report names the command that produced it"
+    assert report["cache"]["misses"] > 0 and (tmp_path / "cache" / "predictions.sqlite").is_file()
+
+
+def test_rag_prompts_fit_the_llm_by_cutting_the_last_documents_first(llm):
+    profile = get_profile("plain")
+    long_doc = " ".join(f"word{i} filler text about the river" for i in range(200))
+    first = "The Rhine flows through Basel."
+    text = prompt_text(llm, profile, "Where does the Rhine flow?", [first, long_doc, long_doc], max_new_tokens=16)
+    limit = llm.layout.max_positions - 16 - 2
+    assert len(llm.tokenizer(text)["input_ids"]) <= limit
+    assert text.startswith("Document: " + first) and text.endswith("Question: Where does the Rhine flow?\nAnswer:")
+    assert prompt_text(llm, profile, "Q?", [first]) == profile.context_text(llm.tokenizer, "Q?", [first]), "short prompts are untouched"
+    assert prompt_text(llm, profile, "Q?") == profile.question_text(llm.tokenizer, "Q?")
