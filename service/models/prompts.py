@@ -43,6 +43,9 @@ class PromptProfile:
     """Worked examples put before the real question, each rendered with the same template."""
     shot_separator: str = "\n\n"
     """Between one rendered example (with its answer) and the next block."""
+    shots_in_question_prompt: bool = True
+    """Show the shots before a question alone too (no memory, CMT). False keeps that prompt short:
+    training teaches the memory path the answer format, and every prompt token costs each step."""
     chat: bool = False
     """Wrap the rendered prompt as the user turn of the tokenizer's chat template."""
     stop_strings: tuple[str, ...] = ("\n",)
@@ -62,6 +65,8 @@ class PromptProfile:
 
     def question_prompt(self, question: str) -> str:
         """The prompt of a question alone (no memory, or after the CMT prefix)."""
+        if not self.shots_in_question_prompt:
+            return self.question_template.format(question=question)
         return self._with_shots(
             self.question_template.format(question=question), lambda s: self.question_template.format(question=s.question)
         )
@@ -129,6 +134,15 @@ PROFILES: dict[str, PromptProfile] = {
             question_template="Question: {question}\nAnswer:",
             context_template="Context: {context}\nQuestion: {question}\nAnswer:",
             shots=_SHOTS,
+        ),
+        # The same, with the question alone asked without shots: what CMT is trained on (a short prompt
+        # after the memory prefix); the gold / RAG rows still read the shots.
+        PromptProfile(
+            name="fewshot-context",
+            question_template="Question: {question}\nAnswer:",
+            context_template="Context: {context}\nQuestion: {question}\nAnswer:",
+            shots=_SHOTS,
+            shots_in_question_prompt=False,
         ),
         # The LLM's own chat template, zero-shot (what a chat user would type).
         PromptProfile(
