@@ -10,7 +10,6 @@ SQuAD / ArchivalQA-proxy: bench/bench_eval_real.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.base_llm import load_base_llm
+from trainer.cli_config import override
 from trainer.data import load_source, synthetic_stream
 from trainer.demo import (
     DEMO_BUDGET_S,
@@ -33,10 +33,11 @@ from trainer.evaluate import run_evaluation, write_report
 from trainer.train import train
 
 # The demo (main row) trains with α=0, so the memory-aware term is measured by switching it on.
+# Changes by TrainConfig field, nested ones by dotted name (trainer.cli_config.override).
 ABLATIONS = {
-    "with memory-aware objective (alpha=0.5)": {"alpha": 0.5},
-    "without self-matching / key losses": {"self_match_weight": 0.0, "contrastive_weight": 0.0},
-    "without top-k (whole bank, MAC-style)": {"use_top_k": False, "max_docs": 64, "distractors": 8},
+    "with memory-aware objective (alpha=0.5)": {"objective.alpha": 0.5},
+    "without self-matching / key losses": {"objective.self_match_weight": 0.0, "objective.contrastive_weight": 0.0},
+    "without top-k (whole bank, MAC-style)": {"objective.use_top_k": False, "aggregator.max_docs": 64, "distractors": 8},
 }
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.cache / f"ablations-v{DEMO_VERSION}" / f"ablation{i}"  # versioned: never mixed with another demo
             if not (out / "train_log.json").is_file():  # written last: a cut-off run resumes from out/last
                 # same epochs as the main run; the wall-time cap only guards against a run that never ends
-                config = dataclasses.replace(main_config, out=str(out), max_seconds=4 * main_config.max_seconds, resume=True, **change)
+                config = override(main_config, {"out": str(out), "max_seconds": 4 * main_config.max_seconds, "resume": True, **change})
                 train(config, llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
             ablations[name] = str(out / "best")
     docs = load_source(args.data, "test", seed=DEMO_STREAM.seed)

@@ -24,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.models.config import AggregatorConfig, AlignerConfig, CompressorConfig
 from service.models.llm import HFCausalLM
 from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import load_split
 from trainer.evaluate import run_evaluation, write_report
+from trainer.objectives import ObjectiveConfig
 from trainer.train import TrainConfig, train
 
 # RC training data of the shared base LLM: every training split, no valid/test document.
@@ -42,9 +44,11 @@ EPOCHS = {"squad": 10, "archivalqa": 6}
 def cmt_config(dataset: str, out: Path, llm_dir: Path, max_seconds: float) -> TrainConfig:
     return TrainConfig(
         llm=str(llm_dir), data=dataset, out=str(out), seed=0, epochs=EPOCHS[dataset], batch_size=16, lr=1e-3, warmup=20,
-        top_k=1, memory_tokens=8, prefix_len=8, compressor_layers=2, aggregator_layers=1, heads=8, aligner_hidden=256,
-        distractors=4, max_docs=8, self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=100, valid_questions=120,
-        max_seconds=max_seconds,
+        distractors=4, ckpt_every=100, valid_questions=120, max_seconds=max_seconds,
+        compressor=CompressorConfig(num_memory_tokens=8, num_layers=2, num_heads=8, lexical_key_weight=0.5),
+        aggregator=AggregatorConfig(top_k=1, max_docs=8, num_layers=1, num_heads=8),
+        aligner=AlignerConfig(prefix_len=8, hidden_dim=256),
+        objective=ObjectiveConfig(top_k=1, self_match_weight=0.1, contrastive_weight=0.1),
     )
 
 

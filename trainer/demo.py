@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from service.models.config import AggregatorConfig, AlignerConfig, CompressorConfig
 from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import DEMO_SYNTHETIC, synthetic_stream, write_jsonl
+from trainer.objectives import ObjectiveConfig
 from trainer.train import TrainConfig, train
 
 DEMO_VERSION = 7
@@ -38,10 +40,12 @@ RECENCY_MARGIN = 0.03
 
 def demo_train_config(out: Path, llm_dir: Path, max_seconds: float) -> TrainConfig:
     return TrainConfig(
-        llm=str(llm_dir), out=str(out), seed=0, epochs=16, batch_size=16, lr=1e-3, warmup=20, top_k=1,
-        memory_tokens=8, prefix_len=8, compressor_layers=2, aggregator_layers=1, heads=8, aligner_hidden=256,
-        distractors=4, max_docs=8, self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=100,
-        valid_questions=120, max_seconds=max_seconds, recency_margin=RECENCY_MARGIN,
+        llm=str(llm_dir), out=str(out), seed=0, epochs=16, batch_size=16, lr=1e-3, warmup=20, distractors=4,
+        ckpt_every=100, valid_questions=120, max_seconds=max_seconds,
+        compressor=CompressorConfig(num_memory_tokens=8, memory_dim=384, num_layers=2, num_heads=8, lexical_key_weight=0.5),
+        aggregator=AggregatorConfig(top_k=1, max_docs=8, num_layers=1, num_heads=8, recency_margin=RECENCY_MARGIN),
+        aligner=AlignerConfig(prefix_len=8, hidden_dim=256),
+        objective=ObjectiveConfig(top_k=1, self_match_weight=0.1, contrastive_weight=0.1),
     )
 
 

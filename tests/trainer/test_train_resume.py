@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from service.models.checkpoint import load_checkpoint
+from service.models.config import AggregatorConfig, AlignerConfig, CompressorConfig
 from tests.conftest import tiny_gpt2
 from trainer.data import SyntheticConfig, synthetic_stream
+from trainer.objectives import ObjectiveConfig
 from trainer.train import STATE_FILE, TrainConfig, train
 
 STREAM = SyntheticConfig(seed=1, num_entities=40, kinds=("city", "staff"), pool_size=6, fillers=0, distractor_ratio=0.2)
 
 
 def _config(out, **change) -> TrainConfig:
-    settings = dict(
-        out=str(out), epochs=2, batch_size=8, lr=1e-3, warmup=2, top_k=1, memory_tokens=4, compressor_layers=1,
-        aggregator_layers=1, heads=4, prefix_len=4, aligner_hidden=32, distractors=2, max_docs=6,
-        self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=1, progress=False, valid_questions=0,
+    config = TrainConfig(
+        out=str(out), epochs=2, batch_size=8, lr=1e-3, warmup=2, distractors=2, ckpt_every=1, progress=False, valid_questions=0,
+        compressor=CompressorConfig(num_memory_tokens=4, num_layers=1, num_heads=4, lexical_key_weight=0.5),
+        aggregator=AggregatorConfig(top_k=1, max_docs=6, num_layers=1, num_heads=4),
+        aligner=AlignerConfig(prefix_len=4, hidden_dim=32),
+        objective=ObjectiveConfig(top_k=1, self_match_weight=0.1, contrastive_weight=0.1),
     )
-    return TrainConfig(**{**settings, **change})
+    return dataclasses.replace(config, **change)
 
 
 def _weights(run_dir, llm) -> dict[str, torch.Tensor]:
@@ -73,5 +78,6 @@ def test_starting_point_is_validated_so_training_that_only_hurts_never_ships_wor
     log = train(_config(tmp_path / "run", valid_questions=20, lr=0.3), llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
     entries = log["valid"]
     assert [e["epoch"] for e in entries] == [-1, 0, 1] and entries[0]["step"] == 0
-    best = max(entries, key=lambda e: (e["em"], e["recall_at_1"]))  # the first of equals, as the trainer keeps it
+    best = max(entries, key=lambda e: (e["em"], e["f1"], -e["valid_loss"]))  # the first of equals, as the trainer keeps it
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["metrics"]["valid"] == best
+

@@ -11,16 +11,17 @@ import json
 
 import pytest
 import torch
-
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.models.checkpoint import load_checkpoint
+from service.models.config import AggregatorConfig, AlignerConfig, CompressorConfig
 from service.storage.redis_store import RedisMemoryStore
 from tests.service.api.conftest import REDIS_URL, make_settings
 from trainer.base_llm import BaseLLMConfig, load_base_llm, train_base_llm
 from trainer.data import SyntheticConfig, examples, synthetic_stream
 from trainer.evaluate import MAX_NEW_TOKENS, answer_prompts, evaluate_cmt, fit_prompt
+from trainer.objectives import ObjectiveConfig
 from trainer.scoring import aggregate
 from trainer.service_eval import evaluate_service
 from trainer.train import TrainConfig, train
@@ -38,9 +39,12 @@ def test_tiny_training_run_lowers_loss_and_beats_no_memory(tmp_path):
         lr=3e-3, warmup=10))
     llm = load_base_llm(tmp_path / "llm")
     config = TrainConfig(
-        out=str(tmp_path / "cmt"), epochs=4, batch_size=16, lr=1e-3, warmup=10, top_k=1, memory_tokens=8,
-        compressor_layers=2, aggregator_layers=1, heads=4, prefix_len=8, aligner_hidden=128, distractors=4,
-        max_docs=8, self_match_weight=0.1, contrastive_weight=0.1, ckpt_every=0, progress=False, valid_questions=60,
+        out=str(tmp_path / "cmt"), epochs=4, batch_size=16, lr=1e-3, warmup=10, distractors=4, ckpt_every=0, progress=False,
+        valid_questions=60,
+        compressor=CompressorConfig(num_memory_tokens=8, num_layers=2, num_heads=4, lexical_key_weight=0.5),
+        aggregator=AggregatorConfig(top_k=1, max_docs=8, num_layers=1, num_heads=4),
+        aligner=AlignerConfig(prefix_len=8, hidden_dim=128),
+        objective=ObjectiveConfig(top_k=1, self_match_weight=0.1, contrastive_weight=0.1),
     )
     log = train(config, llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
     qa = [s["qa"] for s in log["steps"]]
