@@ -75,6 +75,10 @@ class LossTerms:
     """Share of examples whose gold document top-k selected by itself."""
     contrastive: torch.Tensor | None = None
     distill: torch.Tensor | None = None
+    tokens: int = 0
+    """LLM positions this batch fed: prompt+answer ids (padding included) per pass, plus the prefix."""
+    answer_tokens: int = 0
+    """Answer tokens the QA loss averages over."""
 
 
 def prompt_answer_ids(llm: HFCausalLM, prompts: Sequence[str], answers: Sequence[str]):
@@ -190,7 +194,12 @@ def qa_objective(
             teacher = llm.forward_logits(t_ids, t_mask)  # (B, n', V)
         distill = distillation_loss(logits, labels, teacher, t_labels, config.distill_temperature)
         total = total + config.distill_weight * distill
-    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive, distill=distill)
+    passes = 2 if config.alpha > 0 else 1  # the memory-aware objective adds a pass without memory
+    tokens = passes * ids.numel() + (B * prefix.length if prefix is not None else 0)
+    if distill is not None:
+        tokens += t_ids.numel()
+    return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive, distill=distill,
+                     tokens=tokens, answer_tokens=int((labels != -100).sum()))
 
 
 def contrastive_retrieval_loss(question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,10 +16,8 @@ import torch
 from torch import nn
 
 from service.models.cmt import CMTModules
-from service.models.llm import HFCausalLM
-from service.models.prompts import PromptProfile
 from trainer.data import QAExample, timestamp
-from trainer.objectives import QABatch, answer_targets
+from trainer.objectives import QABatch
 
 if TYPE_CHECKING:
     from trainer.train import TrainConfig
@@ -28,12 +26,6 @@ if TYPE_CHECKING:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the trained modules stay fp32), nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def fed_tokens(llm: HFCausalLM, batch: QABatch, profile: PromptProfile) -> tuple[int, int]:
-    """(prompt+answer positions the LLM reads for the batch, padding included, answer tokens among them)."""
-    ids, _, labels = answer_targets(llm, batch.questions, batch.answers, profile)  # (B, n) each, as qa_objective builds them
-    return ids.numel(), int((labels != -100).sum())
 
 
 class CachedBackbone(nn.Module):

@@ -33,7 +33,6 @@ from trainer.train_batches import (
     CachedBackbone,
     autocast,
     build_qa_batch,
-    fed_tokens,
     make_batches,
     use_cached_backbone,
 )
@@ -210,7 +209,6 @@ def train_epoch(run: Run, epoch: int) -> bool:
     docs_by_id = run.docs_by_id
     doc_ids = list(docs_by_id)
     objective = config.objective
-    llm_passes = 2 if objective.alpha > 0 else 1  # the memory-aware objective adds a pass without memory
     bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch}", disable=not config.progress, mininterval=2, leave=False)
     window: list[dict[str, float]] = []
     tick = time.perf_counter()
@@ -218,13 +216,10 @@ def train_epoch(run: Run, epoch: int) -> bool:
         rng = random.Random(f"{config.seed}-{epoch}-{b}")  # per batch: a resumed run samples the same distractors
         qa_batch = build_qa_batch(batches[b], examples, docs_by_id, doc_ids, config, rng)
         with use_cached_backbone(modules, run.cache), autocast(run.device):
-            terms = qa_objective(modules, run.llm, qa_batch, objective)
+            terms = qa_objective(modules, run.llm, qa_batch, objective, run.profile)
         (terms.total / config.grad_accum).backward()
-        positions, _ = fed_tokens(run.llm, qa_batch, run.profile)
-        B = len(qa_batch.questions)
-        tokens = llm_passes * positions + B * config.aligner.prefix_len  # prompt+answer ids per pass + prefix positions
         window.append({"loss": terms.total.item(), "qa": terms.qa.item(), "sm": terms.self_match.item(),
-                       "hits": terms.retrieval_hits, "questions": B, "tokens": tokens})
+                       "hits": terms.retrieval_hits, "questions": len(qa_batch.questions), "tokens": terms.tokens})
         bar.update(1)
         if (b + 1) % config.grad_accum and b + 1 < len(batches):
             continue
@@ -280,10 +275,9 @@ def valid_answer_loss(run: Run) -> tuple[float, int]:
     with torch.no_grad(), use_cached_backbone(modules, run.cache), autocast(run.device):
         for idx in make_batches(run.valid_ex, config.batch_size, random.Random(config.seed)):
             batch = build_qa_batch(idx, run.valid_ex, docs_by_id, doc_ids, config, rng)
-            terms = qa_objective(modules, run.llm, batch, config.objective)
-            _, answer_tokens = fed_tokens(run.llm, batch, run.profile)
-            total += terms.qa.item() * answer_tokens
-            count += answer_tokens
+            terms = qa_objective(modules, run.llm, batch, config.objective, run.profile)
+            total += terms.qa.item() * terms.answer_tokens
+            count += terms.answer_tokens
     modules.train()
     return total / max(1, count), count
 
