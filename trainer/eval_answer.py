@@ -130,6 +130,16 @@ def run_prompts(
                      fresh=len(todo), cached=len(found) - len(todo))
 
 
+def time_prompts(llm: HFCausalLM, prompts: Sequence[str], generation: GenerationConfig, batch_size: int = BATCH_SIZE) -> tuple[float, list[str]]:
+    """Wall seconds to answer prompts in the given order, in batches of batch_size, without any cache
+    (the timing sample), and the answers."""
+    preds: list[str] = []
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        preds += [g.text for g in llm.generate(list(prompts[i : i + batch_size]), config=generation)]
+    return time.perf_counter() - t, preds
+
+
 def answer_prompts(
     llm: HFCausalLM, prompts: Sequence[str], batch_size: int = BATCH_SIZE, *, profile: PromptProfile | str | None = None,
     cache: PredictionCache | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
@@ -165,10 +175,11 @@ def whole_bank_k(modules: CMTModules, bank: Bank) -> int:
 def answer_cmt(
     modules: CMTModules, llm: HFCausalLM, bank: Bank, questions: Sequence[str], top_k: int | None, alpha: float = 0.0,
     batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS, profile: PromptProfile | str | None = None,
-    desc: str | None = None, progress: bool = False,
+    desc: str | None = None, progress: bool = False, batch_seconds: list[float] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
     """CMT answers and the selected document ids. top_k None = the whole bank up to max_docs
-    (whole_bank_k). profile: the checkpoint's prompt profile (default plain)."""
+    (whole_bank_k). profile: the checkpoint's prompt profile (default plain). batch_seconds, when
+    given, receives the wall seconds of each batch (Θ(question), selection, ψ, π, generation)."""
     profile = get_profile(profile)
     pipeline = CMTPipeline(modules, llm, profile)
     k = top_k or whole_bank_k(modules, bank)
@@ -176,7 +187,11 @@ def answer_cmt(
     generation = generation_config(alpha, max_new_tokens, profile)
     preds, sources = [], []
     for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress or not questions, leave=False):
-        for a in pipeline.answer(list(questions[i : i + batch_size]), bank, top_k=k, generation=generation):
+        t = time.perf_counter()
+        answers = pipeline.answer(list(questions[i : i + batch_size]), bank, top_k=k, generation=generation)
+        if batch_seconds is not None:
+            batch_seconds.append(time.perf_counter() - t)
+        for a in answers:
             preds.append(a.text)
             sources.append(a.source_ids)
     return preds, sources

@@ -36,9 +36,15 @@ def _header(report: dict[str, Any]) -> list[str]:
                        f"{report.get('device', '?')}.")]
     lines += ["", ("Scores, never mixed: EM/F1 = official SQuAD v1.1 scoring; contains = the normalised gold answer occurs "
                    "(whole words) in the normalised answer, max over golds; words = mean answer length; prefix-EM = the "
-                   "CMT/MAC papers' looser metric (answer cut to the shortest gold's length). s/question = measured wall "
-                   "seconds per question (retrieval included); prompt-only rows found in the prediction cache report the "
-                   "seconds measured when they were computed.")]
+                   "CMT/MAC papers' looser metric (answer cut to the shortest gold's length).")]
+    n = report.get("timing_questions")
+    if n:
+        lines += ["", (f"s/question = wall seconds per question, retrieval included: every row answers its first {n} questions "
+                       f"again in this run, in question order, {report.get('batch_size')} per batch, without the prediction "
+                       "cache (the same questions and batches for every row); the scores come from the full pass.")]
+    elif profile:
+        lines += ["", ("s/question = wall seconds per question of the answering pass, retrieval included; prompt-only rows "
+                       "found in the prediction cache report the seconds measured when they were computed.")]
     return lines
 
 
@@ -50,6 +56,8 @@ def _rows_table(report: dict[str, Any]) -> list[str]:
                      f"{_num(r.get('answer_words'), 1)} | {r['prefix_em']:.2f} | {_num(r.get('stored_bytes_per_doc'), 0)} | "
                      f"{_num(r.get('prompt_tokens'))} | {_num(r.get('seconds_per_question'), 3)} |")
     notes = [f"- {r['row']}: {r['note']}" for r in report["rows"] if r.get("note")]
+    notes += [f"- {r['row']}: documents cut at their end to fit the LLM's positions in {r['documents_cut']} of {r['n']} prompts"
+              for r in report["rows"] if r.get("documents_cut")]
     if notes:
         lines += ["", "Notes:", "", *notes]
     for r in report["rows"]:

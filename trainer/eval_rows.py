@@ -10,19 +10,29 @@ positions per question and measured wall seconds per question.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.cmt import Bank, CMTModules
 from service.models.llm import HFCausalLM
 from service.models.prompts import PromptProfile
 from trainer.data import QAExample
-from trainer.eval_answer import answer_cmt, compress_bank, prompt_text, question_tokens, run_prompts, whole_bank_k
+from trainer.eval_answer import (
+    answer_cmt,
+    compress_bank,
+    prompt_text,
+    question_tokens,
+    run_prompts,
+    time_prompts,
+    whole_bank_k,
+)
 from trainer.eval_retrieval import bm25_index, bm25_search, key_top
 from trainer.prediction_cache import PredictionCache
 from trainer.scoring import aggregate
@@ -50,6 +60,9 @@ class EvalContext:
     batch_size: int
     max_new_tokens: int
     progress: bool = True
+    timing_questions: int = 32
+    """Every row answers its first questions again, timed, in question order and without the cache
+    (rounded up to whole batches; 0 = report the seconds of the answering pass itself)."""
     predictions: dict[str, list[str]] = field(default_factory=dict)
     """Row name → predictions, in question order."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -65,9 +78,14 @@ class EvalContext:
 
     def say(self, message: str) -> None:
         if self.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(message)
+
+    @property
+    def timing_sample(self) -> int:
+        """Questions in the timing sample: timing_questions rounded up to whole batches, at most all."""
+        if self.timing_questions <= 0:
+            return 0
+        return min(len(self.exs), math.ceil(self.timing_questions / self.batch_size) * self.batch_size)
 
     @property
     def cmt_bytes(self) -> int:
@@ -105,12 +123,24 @@ def prompt_row(ctx: EvalContext, name: str, documents: Sequence[Sequence[str] | 
                retrieval_seconds: float = 0.0, **extra: Any) -> dict[str, Any]:
     """A prompt-only row: documents[i] (None = none) then question i, through the cache.
     retrieval_seconds: per question, added to the generation seconds."""
-    prompts = [prompt_text(ctx.llm, ctx.baseline_profile, q, d, ctx.max_new_tokens) for q, d in zip(ctx.questions, documents)]
+    profile, tok = ctx.baseline_profile, ctx.llm.tokenizer
+    prompts = [prompt_text(ctx.llm, profile, q, d, ctx.max_new_tokens) for q, d in zip(ctx.questions, documents)]
+    cut = sum(d is not None and p != profile.context_text(tok, q, d) for p, q, d in zip(prompts, ctx.questions, documents))
     run = run_prompts(ctx.llm, prompts, ctx.cache, ctx.batch_size, desc=name, progress=ctx.progress)
-    timing = "measured now" if not run.cached else f"{run.cached} distinct prompts' seconds measured when they were cached"
-    return make_row(ctx, name, run.predictions, profile=ctx.baseline_profile.name, stored_bytes_per_doc=stored_bytes_per_doc,
-                    prompt_tokens=_mean(run.prompt_tokens), seconds_per_question=_mean(run.seconds) + retrieval_seconds,
-                    generation_seconds_per_question=_mean(run.seconds), retrieval_seconds_per_question=retrieval_seconds, computed=run.fresh, cached=run.cached, timing=timing, **extra)
+    timing: dict[str, Any] = {"seconds_when_answered_per_question": _mean(run.seconds)}
+    if ctx.timing_sample:
+        n = ctx.timing_sample
+        seconds, again = time_prompts(ctx.llm, prompts[:n], ctx.cache.generation, ctx.batch_size)
+        timing |= {"generation_seconds_per_question": seconds / n,
+                   "timing_sample_same_answers": 100.0 * sum(a == b for a, b in zip(again, run.predictions)) / n,
+                   "timing": f"the first {n} questions answered again now, in question order, without the cache"}
+    else:
+        timing |= {"generation_seconds_per_question": _mean(run.seconds),
+                   "timing": "measured now" if not run.cached else f"{run.cached} distinct prompts' seconds measured when they were cached"}
+    return make_row(ctx, name, run.predictions, profile=profile.name, stored_bytes_per_doc=stored_bytes_per_doc,
+                    prompt_tokens=_mean(run.prompt_tokens), seconds_per_question=timing["generation_seconds_per_question"] + retrieval_seconds,
+                    retrieval_seconds_per_question=retrieval_seconds, documents_cut=cut, computed=run.fresh, cached=run.cached,
+                    **timing, **extra)
 
 
 # ---- the row families -----------------------------------------------------------------------------------
@@ -156,15 +186,27 @@ def rag_rows(ctx: EvalContext, ks: Sequence[int] = (1, 3)) -> list[dict[str, Any
 
 def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k: int | None, alpha: float,
              profile: PromptProfile, **extra: Any) -> dict[str, Any]:
-    t = time.perf_counter()
-    preds, _ = answer_cmt(modules, ctx.llm, bank, ctx.questions, top_k, alpha, ctx.batch_size, ctx.max_new_tokens, profile,
-                          desc=name, progress=ctx.progress)
-    seconds = (time.perf_counter() - t) / max(1, len(ctx.exs))
+    def answer(questions: Sequence[str], progress: bool) -> tuple[float, list[str]]:
+        t = time.perf_counter()
+        preds, _ = answer_cmt(modules, ctx.llm, bank, questions, top_k, alpha, ctx.batch_size, ctx.max_new_tokens, profile,
+                              desc=name, progress=progress)
+        return time.perf_counter() - t, preds
+
+    seconds, preds = answer(ctx.questions, ctx.progress)
+    timing: dict[str, Any] = {"seconds_when_answered_per_question": seconds / max(1, len(ctx.exs))}
+    if ctx.timing_sample:
+        n = ctx.timing_sample
+        again_seconds, again = answer(ctx.questions[:n], False)
+        timing |= {"seconds_per_question": again_seconds / n,
+                   "timing_sample_same_answers": 100.0 * sum(a == b for a, b in zip(again, preds)) / n,
+                   "timing": f"the first {n} questions answered again now, in question order (Θ(question), selection, ψ, π, generation)"}
+    else:
+        timing |= {"seconds_per_question": timing["seconds_when_answered_per_question"],
+                   "timing": "measured now (Θ(question), selection, ψ, π and generation)"}
     prefix = modules.config.aligner.prefix_len
     q_tokens = _mean(question_tokens(ctx.llm, profile, ctx.questions))
     return make_row(ctx, name, preds, profile=profile.name, stored_bytes_per_doc=ctx.cmt_bytes, prompt_tokens=q_tokens + prefix,
-                    prompt_note=f"question tokens + {prefix} prefix positions", seconds_per_question=seconds,
-                    timing="measured now (Θ(question), selection, ψ, π and generation)", **extra)
+                    prompt_note=f"question tokens + {prefix} prefix positions", **timing, **extra)
 
 
 def cmt_rows(ctx: EvalContext) -> list[dict[str, Any]]:

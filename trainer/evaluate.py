@@ -18,7 +18,8 @@ their answers are cached on disk per (LLM, profile, generation settings, prompt 
 `--cache-dir`, so a second run (or a RAG prompt equal to the gold prompt) computes nothing again.
 Scores per row, each apart: official SQuAD EM/F1, containment of the gold answer, mean answer
 length in words, the papers' prefix-EM. Cost per row: stored bytes per document, prompt (prefill)
-positions and measured seconds per question. Sections: retention of the first documents' answers
+positions and measured seconds per question (every row answers its first `--timing-questions`
+again, timed, without the cache: the same questions and batches for CMT and RAG). Sections: retention of the first documents' answers
 as the stream grows, robustness to irrelevant documents, retrieval recall@1/@5 of the trained keys
 against the untrained MiniLM mean-pooled embedding and BM25.
 Writes <out>/report.json, <out>/report.md (with the command line) and PNG plots.
@@ -42,7 +43,7 @@ from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.llm import HFCausalLM
 from service.models.prompts import PROFILES, PromptProfile, get_profile
 from trainer.data import examples, load_source
-from trainer.eval_answer import (  # noqa: F401  (re-exported: the trainer and tests import them from here)
+from trainer.eval_answer import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
     answer_cmt,
@@ -53,18 +54,26 @@ from trainer.eval_answer import (  # noqa: F401  (re-exported: the trainer and t
     generation_config,
 )
 from trainer.eval_report import write_report
-from trainer.eval_retrieval import _recall, bm25_top, retrieval_recall  # noqa: F401
+from trainer.eval_retrieval import _recall, bm25_top, retrieval_recall
 from trainer.eval_rows import EvalContext, ablation_rows, baseline_rows, cmt_rows, examples_section, rag_rows
-from trainer.eval_sections import cost_section, irrelevant_pool, retention_section, robustness_section  # noqa: F401
+from trainer.eval_sections import cost_section, irrelevant_pool, retention_section, robustness_section
 from trainer.prediction_cache import DEFAULT_CACHE_DIR, PredictionCache
+
+TIMING_QUESTIONS = 32
 from trainer.service_eval import evaluate_service
+
+__all__ = [  # the trainer, the benchmarks and the tests import these from here
+    "BATCH_SIZE", "MAX_NEW_TOKENS", "TIMING_QUESTIONS", "_recall", "answer_cmt", "answer_prompts", "bm25_top", "command_line",
+    "compress_bank", "evaluate_cmt", "fit_prompt", "generation_config", "irrelevant_pool", "load_context", "main",
+    "retrieval_recall", "run_evaluation", "write_report",
+]
 
 
 def load_context(
     llm: HFCausalLM, checkpoint: str | Path, test_docs: Sequence[dict[str, Any]], *, max_questions: int = 0,
     alpha: float | None = None, recency_margin: float | None = None, prompt_profile: str | PromptProfile | None = None,
     cache_dir: str | Path | None = None, batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
-    device: str = "cpu", progress: bool = True,
+    timing_questions: int = TIMING_QUESTIONS, device: str = "cpu", progress: bool = True,
 ) -> tuple[EvalContext, dict[str, Any]]:
     """The checkpoint's modules (α and recency margin: its own unless given), the questions, the
     compressed bank and the prediction cache of the baseline profile; and the checkpoint's config."""
@@ -80,7 +89,7 @@ def load_context(
         llm=llm, modules=modules, docs=list(test_docs), exs=examples(test_docs)[: max_questions or None], bank=bank,
         cmt_profile=cmt_profile, cache=cache, alpha=ckpt["metrics"].get("alpha", 0.0) if alpha is None else alpha,
         top_k=modules.config.aggregator.top_k, margin=modules.config.aggregator.recency_margin, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, progress=progress, timings={"bank_compress_seconds": time.perf_counter() - t},
+        max_new_tokens=max_new_tokens, progress=progress, timing_questions=timing_questions, timings={"bank_compress_seconds": time.perf_counter() - t},
     )
     return ctx, ckpt
 
@@ -92,7 +101,7 @@ def report_header(ctx: EvalContext, checkpoint: str | Path, command: str | None)
             "prompt_profile": ctx.baseline_profile.name, "checkpoint_prompt_profile": ctx.cmt_profile.name,
             "prompt_profiles": {"baseline": ctx.baseline_profile.to_dict(), "checkpoint": ctx.cmt_profile.to_dict()},
             "max_new_tokens": ctx.max_new_tokens, "stop_strings": list(ctx.cache.generation.stop_strings), "decoding": "greedy",
-            "batch_size": ctx.batch_size, "device": str(ctx.llm.device), "torch_threads": torch.get_num_threads(),
+            "batch_size": ctx.batch_size, "timing_questions": ctx.timing_sample, "device": str(ctx.llm.device), "torch_threads": torch.get_num_threads(),
             "documents": len(ctx.docs), "questions": len(ctx.exs)}
 
 
@@ -102,13 +111,14 @@ def run_evaluation(
     robustness_questions: int = 200, alpha: float | None = None, recency_margin: float | None = None, device: str = "cpu",
     progress: bool = True, prompt_profile: str | PromptProfile | None = None, cache_dir: str | Path | None = None,
     batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS, rag_k: Sequence[int] = (1, 3), command: str | None = None,
+    timing_questions: int = TIMING_QUESTIONS,
 ) -> dict[str, Any]:
     """The full protocol on one test stream; returns the report dictionary. alpha, recency_margin and
     the prompt profile of the prompt-only rows default to the checkpoint's; cache_dir None = no disk cache."""
     t0 = time.perf_counter()
     ctx, _ = load_context(llm, checkpoint, test_docs, max_questions=max_questions, alpha=alpha, recency_margin=recency_margin,
                           prompt_profile=prompt_profile, cache_dir=cache_dir, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, device=device, progress=progress)
+                          max_new_tokens=max_new_tokens, timing_questions=timing_questions, device=device, progress=progress)
     report = report_header(ctx, checkpoint, command)
     report["rows"] = [*baseline_rows(ctx), *rag_rows(ctx, rag_k), *cmt_rows(ctx), *ablation_rows(ctx, ablations or {}, device)]
     report["cost"] = cost_section(ctx)
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="keep predictions in memory only")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions per LLM batch, the same in every row")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--timing-questions", type=int, default=TIMING_QUESTIONS,
+                        help="every row answers its first N questions again, timed, without the cache (0: time the answering pass)")
     parser.add_argument("--retention-docs", type=int, default=200)
     parser.add_argument("--robustness-questions", type=int, default=200)
     parser.add_argument("--device", default="cpu")
@@ -166,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                                 retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
                                 alpha=args.alpha, recency_margin=args.recency_margin, device=args.device,
                                 prompt_profile=args.prompt_profile, cache_dir=None if args.no_cache else args.cache_dir,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, command=command)
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, command=command,
+                                timing_questions=args.timing_questions)
     else:
         report = {"command": command, "documents": len(docs), "questions": len(exs), "rows": []}
     if args.service_url:

@@ -44,7 +44,7 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
     out = tmp_path / "report"
     argv = [
         "--llm", str(llm_dir), "--checkpoint", str(ckpt_dir), "--data", str(tmp_path / "stream-{split}.jsonl"),
-        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40", "--batch-size", "16",
+        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40", "--batch-size", "16", "--timing-questions", "20",
         "--ablation", f"same={ckpt_dir}", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
     ]
     assert main(argv) == 0
@@ -59,12 +59,16 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
     rows = {r["row"]: r for r in report["rows"]}
     assert report["questions"] == 40 and report["documents"] == n
     assert report["batch_size"] == 16 and report["prompt_profile"] == report["checkpoint_prompt_profile"] == "plain"
+    assert report["timing_questions"] == 32, "rounded up to whole batches"
     for r in report["rows"]:
         assert 0 <= r["em"] <= r["f1"] <= 100 and r["em"] <= r["containment"] <= 100, r["row"]
         assert r["answer_words"] >= 0 and r["seconds_per_question"] > 0 and r["n"] == 40, r["row"]
+        # the timing pass answers the first 32 questions again; CMT in the same batches, prompt-only rows unsorted
+        assert r["timing_sample_same_answers"] >= (100 if r["family"] in ("cmt", "ablation") else 90), r["row"]
     assert rows["CMT ablation: same"]["em"] == rows["CMT (top-3)"]["em"], "the same checkpoint must score the same"
     gold, top1, top3 = (rows[k]["prompt_tokens"] for k in ("gold paragraph in prompt (ceiling)", "RAG top-1 by BM25", "RAG top-3 by BM25"))
     assert gold > rows["no memory"]["prompt_tokens"] and top3 > top1
+    assert rows["no memory"]["documents_cut"] == 0 and all(0 <= r.get("documents_cut", 0) <= 40 for r in report["rows"])
     assert rows["CMT (top-3)"]["stored_bytes_per_doc"] == (4 * 384 + 384) * 2  # k=4 fp16 memories + fp16 key
     assert rows["RAG top-1 by CMT keys"]["stored_bytes_per_doc"] == rows["RAG top-1 by BM25"]["stored_bytes_per_doc"] + 384 * 2
     assert rows[f"CMT over the 8 best of {n} docs by key (MAC-style, capped)"]["note"].startswith("ψ holds at most max_docs=8")
