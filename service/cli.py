@@ -21,7 +21,7 @@ def _quiet_openmp() -> None:
 
 def _parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--llm", help="frozen LLM: local dir or hub id (CMT_LLM)")
+    parser.add_argument("--llm", help="frozen LLM: local dir, hub id, .gguf file or smollm2-135m-instruct (CMT_LLM)")
     parser.add_argument("--checkpoint", help="checkpoint dir (CMT_CHECKPOINT)")
     parser.add_argument("--redis-url", help="Redis URL; absent = embedded redis-server (CMT_REDIS_URL)")
     parser.add_argument("--data-dir", help="embedded Redis data folder (CMT_DATA_DIR)")
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  ingest: curl -X POST {base}/documents -H 'content-type: application/json' "
           "-d '{\"documents\": [{\"text\": \"...\"}]}'")
     print(f"  ask:    curl -X POST {base}/ask -H 'content-type: application/json' -d '{{\"question\": \"...\"}}'")
-    if settings.llm is None:  # demo models: their held-out news stream is written beside them
-        print(f"  stream the demo's held-out news and score the answers (another shell): {sys.executable} -m trainer.evaluate --service-url {base} "
-              f"--data {settings.demo_dir}/synthetic_{{split}}.jsonl --max-questions 100 --out runs/eval-served")
+    print(f"  try it on real news (another shell): {sys.executable} -m trainer.evaluate --service-url {base} "
+          "--data archivalqa --split test --max-questions 50 --out runs/eval-served")
+    print("    (streams NYT paragraphs of 2004-2007 through POST /documents, asks their questions, scores the answers)")
     # One worker per process: the models live in this process; scale out with replicas.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=30)

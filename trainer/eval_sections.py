@@ -59,7 +59,10 @@ def irrelevant_pool(docs: Sequence[dict[str, Any]], question_docs: Sequence[dict
 
 
 def robustness_section(ctx: EvalContext, robustness_questions: int = 200) -> list[dict[str, Any]]:
-    """Irrelevant documents as a share of the bank, 0-100% (100% = the gold documents are absent)."""
+    """Irrelevant documents as a share of the bank, 0-100% (100% = the gold documents are absent);
+    robustness_questions 0 skips the section."""
+    if robustness_questions <= 0:
+        return []
     q_docs = [d for d in ctx.docs if d.get("questions")][:robustness_questions]
     pool = irrelevant_pool(ctx.docs, q_docs)
     rob_ex = examples(q_docs)

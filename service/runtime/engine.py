@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 
-from service.errors import CheckpointError
 from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.cmt import CMTModules
 from service.models.compressor import Compressed
@@ -39,23 +38,15 @@ class Engine:
 
     @classmethod
     def load(cls, settings: Settings) -> "Engine":
-        """LLM + checkpoint from the settings; with neither set, the cached demo models."""
+        """The LLM and the checkpoint the settings name (by default SmolLM2 and the shipped checkpoint)."""
         start = time.perf_counter()
-        llm_path, checkpoint = settings.llm, settings.checkpoint
-        if llm_path is None and checkpoint is None:
-            # Trained once on the synthetic news stream (about 7-9 CPU minutes), cached in demo_dir.
-            from trainer.demo import ensure_demo_checkpoint
-
-            llm_dir, checkpoint = ensure_demo_checkpoint(settings.demo_dir)
-            llm_path = str(llm_dir)
-        if llm_path is None or checkpoint is None:
-            raise CheckpointError("set both CMT_LLM and CMT_CHECKPOINT (or neither, for the demo models)")
-        llm = HFCausalLM.from_pretrained(llm_path, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir)
+        llm = HFCausalLM.from_pretrained(settings.llm, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir)
+        checkpoint = settings.checkpoint  # a missing or foreign one is refused with a message naming both LLMs
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
         engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,
                      checkpoint_profile(config))
-        log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", llm_path, checkpoint,
+        log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", settings.llm, checkpoint,
                  engine.compressor_version, engine.load_seconds)
         return engine
 
