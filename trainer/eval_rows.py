@@ -229,13 +229,19 @@ def cmt_rows(ctx: EvalContext) -> list[dict[str, Any]]:
     return [top, whole]
 
 
+def trained_with_top_k(train_config: dict[str, Any]) -> bool:
+    """Whether a checkpoint was trained with top-k selection: the objective's switch (nested since the
+    trainer holds the objective's own config), or the flat field of checkpoints written before."""
+    return bool(train_config.get("objective", {}).get("use_top_k", train_config.get("use_top_k", True)))
+
+
 def ablation_rows(ctx: EvalContext, ablations: dict[str, str], device: str = "cpu") -> list[dict[str, Any]]:
     """One CMT row per ablation checkpoint, each with its own α, top-k switch and prompt profile."""
     rows = []
     for name, path in ablations.items():
         modules, config = load_checkpoint(path, ctx.llm.identity, ctx.llm.layout, device=device)
         alpha = config["metrics"].get("alpha", 0.0)
-        use_top_k = config["metrics"].get("train_config", {}).get("use_top_k", True)
+        use_top_k = trained_with_top_k(config["metrics"].get("train_config", {}))
         top_k = modules.config.aggregator.top_k if use_top_k else None
         rows.append(_cmt_row(ctx, f"CMT ablation: {name}", modules, compress_bank(modules, ctx.docs), top_k, alpha,
                              checkpoint_profile(config), checkpoint=str(path), family="ablation",

@@ -104,3 +104,11 @@ def test_rag_prompts_fit_the_llm_by_cutting_the_last_documents_first(llm):
     assert text.startswith("Document: " + first) and text.endswith("Question: Where does the Rhine flow?\nAnswer:")
     assert prompt_text(llm, profile, "Q?", [first]) == profile.context_text(llm.tokenizer, "Q?", [first]), "short prompts are untouched"
     assert prompt_text(llm, profile, "Q?") == profile.question_text(llm.tokenizer, "Q?")
+
+
+def test_whole_bank_ablation_is_recognised_in_nested_and_flat_train_configs():
+    from trainer.eval_rows import trained_with_top_k
+
+    assert trained_with_top_k({"objective": {"use_top_k": False}}) is False
+    assert trained_with_top_k({"use_top_k": False}) is False
+    assert trained_with_top_k({"objective": {"use_top_k": True}}) is True and trained_with_top_k({}) is True
