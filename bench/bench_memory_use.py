@@ -1,0 +1,63 @@
+"""Does a checkpoint's answer depend on the memory? The same questions answered with the gold
+document's memory, another document's memory and all-zero memory (ψ/π/LLM unchanged, top-1 slot).
+Identical answers mean the prefix carries the question alone (a learned prompt), not the document.
+
+    .venv/bin/python bench/bench_memory_use.py --checkpoint models/smollm2-135m-instruct [--data archivalqa]
+
+writes bench/results/memory-use-<checkpoint name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.models.checkpoint import checkpoint_profile, load_checkpoint
+from service.models.cmt import CMTPipeline
+from service.models.llm import HFCausalLM
+from trainer.data import examples, load_split
+from trainer.eval_answer import generation_config
+from trainer.scoring import aggregate
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--llm", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="archivalqa")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--questions", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    llm = HFCausalLM.from_pretrained(args.llm)
+    modules, config = load_checkpoint(args.checkpoint, llm.identity, llm.layout)
+    profile = checkpoint_profile(config)
+    exs = examples(load_split(args.data, args.split))[: args.questions]
+    n = len(exs)
+    q = modules.compressor.compress([e.question for e in exs])
+    gold = modules.compressor.compress([e.document for e in exs]).memory  # (n, k, d_m)
+    memories = {"gold document": gold, "another document": gold.roll(7, dims=0), "zeros": torch.zeros_like(gold)}
+    prompts = CMTPipeline(modules, llm, profile).prompts([e.question for e in exs])
+    answers, rows = {}, []
+    for name, memory in memories.items():
+        prefix, has = modules.prefix(q.memory, memory[:, None], torch.ones(n, 1, dtype=torch.bool), llm)
+        answers[name] = [g.text for g in llm.generate(prompts, prefix, has, generation_config(0.0, 16, profile))]
+        rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs])})
+    same = {f"same answers: gold vs {k}": 100.0 * sum(a == b for a, b in zip(answers["gold document"], v)) / n
+            for k, v in answers.items() if k != "gold document"}
+    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows, **same}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"memory-use-{args.checkpoint.name}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
