@@ -48,7 +48,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     CMT_HOST=0.0.0.0 \
     CMT_PORT=8000 \
     CMT_CHECKPOINT=/models/smollm2-135m-instruct \
-    CMT_LLM_CACHE_DIR=/data/llm \
     CMT_DATA_DIR=/data/redis
 WORKDIR /home/cmt
 USER cmt:cmt
