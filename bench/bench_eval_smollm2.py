@@ -42,7 +42,7 @@ from service.models.llm import HFCausalLM
 from service.models.prompts import PROFILES
 from trainer.data import load_split
 from trainer.eval_answer import MAX_NEW_TOKENS
-from trainer.evaluate import command_line, run_evaluation, write_report
+from trainer.evaluate import ROW_GROUPS, command_line, run_evaluation, write_report
 from trainer.prediction_cache import DEFAULT_CACHE_DIR
 
 # data name → (split, questions asked (0 = all), report name, title)
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--robustness-questions", type=int, default=100)
     parser.add_argument("--rag-k", default="1,3", help="RAG rows: top-k documents in the prompt, comma-separated (\"\" = none)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             max_questions=questions if args.max_questions is None else args.max_questions, retention_docs=args.retention_docs,
             robustness_questions=args.robustness_questions, prompt_profile=args.prompt_profile, cache_dir=args.cache_dir,
             batch_size=args.batch_size, max_new_tokens=MAX_NEW_TOKENS, timing_questions=args.timing_questions, device=args.device,
-            rag_k=[int(k) for k in args.rag_k.split(",") if k],
+            rag_k=[int(k) for k in args.rag_k.split(",") if k], rows=[r for r in args.rows.split(",") if r],
             command=command,
         )
         report["data"] = {"source": data, "split": split}

@@ -1,6 +1,9 @@
 """Does a checkpoint's answer depend on the memory? The same questions answered with the gold
 document's memory, another document's memory and all-zero memory (ψ/π/LLM unchanged, top-1 slot).
 Identical answers mean the prefix carries the question alone (a learned prompt), not the document.
+Two teacher-forced losses per condition are more sensitive than the answers: the gold answer's loss,
+and the loss of a window of the document continued from the prefix and an 8-token cue (the
+reconstruction warm-up's task, trainer.objectives). Lower with the gold memory = the memory is read.
 
     .venv/bin/python bench/bench_memory_use.py --checkpoint models/smollm2-135m-instruct [--data archivalqa]
 
@@ -23,7 +26,13 @@ from service.models.cmt import CMTPipeline
 from service.models.llm import HFCausalLM
 from trainer.data import examples, load_split
 from trainer.eval_answer import generation_config
+from trainer.objectives import answer_targets, reconstruction_rows
 from trainer.scoring import aggregate
+
+
+def loss_per_token(llm: HFCausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix, has) -> float:
+    logits = llm.forward_logits(ids, mask, prefix, has)  # (B, n, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100).item()
 
 
 @torch.inference_mode()
@@ -45,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     gold = modules.compressor.compress([e.document for e in exs]).memory  # (n, k, d_m)
     memories = {"gold document": gold, "another document": gold.roll(7, dims=0), "zeros": torch.zeros_like(gold)}
     prompts = CMTPipeline(modules, llm, profile).prompts([e.question for e in exs])
+    answer_rows = answer_targets(llm, [e.question for e in exs], [e.answers[0] for e in exs], profile)
+    starts = [(i * 0.37) % 1.0 for i in range(n)]  # fixed windows spread over the documents
+    window_rows = reconstruction_rows(llm, [e.document for e in exs], starts, cue=8, length=48)
     answers, rows = {}, []
     for name, memory in memories.items():
         prefix, has = modules.prefix(q.memory, memory[:, None], torch.ones(n, 1, dtype=torch.bool), llm)
         answers[name] = [g.text for g in llm.generate(prompts, prefix, has, generation_config(0.0, 16, profile))]
-        rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs])})
+        rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs]),
+                     "answer_loss": loss_per_token(llm, *answer_rows, prefix, has),
+                     "window_loss": loss_per_token(llm, *window_rows, prefix, has)})
     same = {f"same answers: gold vs {k}": 100.0 * sum(a == b for a, b in zip(answers["gold document"], v)) / n
             for k, v in answers.items() if k != "gold document"}
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows, **same}

@@ -60,6 +60,8 @@ from trainer.eval_sections import cost_section, irrelevant_pool, retention_secti
 from trainer.prediction_cache import DEFAULT_CACHE_DIR, PredictionCache
 
 TIMING_QUESTIONS = 32
+ROW_GROUPS = ("baselines", "rag", "cmt", "ablations")
+"""Groups of report rows: no memory + gold paragraph, RAG, CMT (top-k and whole bank), ablations."""
 from trainer.service_eval import evaluate_service
 
 __all__ = [  # the trainer, the benchmarks and the tests import these from here
@@ -111,16 +113,23 @@ def run_evaluation(
     robustness_questions: int = 200, alpha: float | None = None, recency_margin: float | None = None, device: str = "cpu",
     progress: bool = True, prompt_profile: str | PromptProfile | None = None, cache_dir: str | Path | None = None,
     batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS, rag_k: Sequence[int] = (1, 3), command: str | None = None,
-    timing_questions: int = TIMING_QUESTIONS,
+    timing_questions: int = TIMING_QUESTIONS, rows: Sequence[str] = ROW_GROUPS,
 ) -> dict[str, Any]:
     """The full protocol on one test stream; returns the report dictionary. alpha, recency_margin and
-    the prompt profile of the prompt-only rows default to the checkpoint's; cache_dir None = no disk cache."""
+    the prompt profile of the prompt-only rows default to the checkpoint's; cache_dir None = no disk cache.
+    `rows` names the groups of rows to run (ROW_GROUPS; e.g. only "cmt" to compare a new checkpoint with
+    a committed report's prompt-only rows)."""
+    unknown = set(rows) - set(ROW_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown row groups {sorted(unknown)}; choose from {ROW_GROUPS}")
     t0 = time.perf_counter()
     ctx, _ = load_context(llm, checkpoint, test_docs, max_questions=max_questions, alpha=alpha, recency_margin=recency_margin,
                           prompt_profile=prompt_profile, cache_dir=cache_dir, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, timing_questions=timing_questions, device=device, progress=progress)
     report = report_header(ctx, checkpoint, command)
-    report["rows"] = [*baseline_rows(ctx), *rag_rows(ctx, rag_k), *cmt_rows(ctx), *ablation_rows(ctx, ablations or {}, device)]
+    groups = {"baselines": lambda: baseline_rows(ctx), "rag": lambda: rag_rows(ctx, rag_k), "cmt": lambda: cmt_rows(ctx),
+              "ablations": lambda: ablation_rows(ctx, ablations or {}, device)}
+    report["rows"] = [row for group in ROW_GROUPS if group in rows for row in groups[group]()]
     report["cost"] = cost_section(ctx)
     report["examples"] = examples_section(ctx)
     report["retrieval"] = retrieval_recall(ctx.modules, ctx.docs, ctx.exs, ctx.bank)
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--timing-questions", type=int, default=TIMING_QUESTIONS,
                         help="every row answers its first N questions again, timed, without the cache (0: time the answering pass)")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
     parser.add_argument("--retention-docs", type=int, default=200)
     parser.add_argument("--robustness-questions", type=int, default=200)
     parser.add_argument("--device", default="cpu")
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                 alpha=args.alpha, recency_margin=args.recency_margin, device=args.device,
                                 prompt_profile=args.prompt_profile, cache_dir=None if args.no_cache else args.cache_dir,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, command=command,
-                                timing_questions=args.timing_questions)
+                                timing_questions=args.timing_questions, rows=[r for r in args.rows.split(",") if r])
     else:
         report = {"command": command, "documents": len(docs), "questions": len(exs), "rows": []}
     if args.service_url:

@@ -1,4 +1,4 @@
-"""Training objectives of CMT (DESIGN.md §1), each switchable for ablations.
+"""Training objectives of CMT (docs/DESIGN.md §1), each switchable for ablations.
 
 Letters: B examples, K selected docs, k memory tokens, d_m memory width, T answer-target length,
 n prompt+answer tokens, V vocabulary.
@@ -9,6 +9,9 @@ n prompt+answer tokens, V vocabulary.
 - Self-matching: −cos(key(q_i), key(d_i)) + λ·log Σ_{j≠i} exp(−‖key(d_i) − key(d_j)‖²).
 - Top-k aggregation over the batch's documents plus distractors, with the gold document forced
   into the selection (optional) so that early, random retrieval still lets ψ/π learn.
+- Reconstruction warm-up (optional, ICAE-style): from the gold document's prefix alone and a few cue
+  tokens of a window of the document, the frozen LLM continues that window; the loss can only fall if
+  the memory carries the text, which the QA loss alone does not force.
 - Distillation (optional): KL between the answer distribution with the memory prefix and that of the
   same frozen LLM reading the gold paragraph in its prompt (the teacher costs one forward).
 """
@@ -40,6 +43,9 @@ class QABatch:
     """Extra documents added to the bank the questions select from."""
     distractor_timestamps: torch.Tensor | None = None
     """(len(distractors),) their times; None = older than every gold document."""
+    window_starts: Sequence[float] | None = None
+    """(B,) where each document's reconstruction window starts, as a fraction of the room left for it
+    (drawn by the trainer's per-batch RNG); None = at the start of every document."""
 
 
 @dataclass
@@ -64,6 +70,20 @@ class ObjectiveConfig:
     one teacher forward per batch)."""
     distill_temperature: float = 1.0
     """Softmax temperature of that KL."""
+    reconstruct_weight: float = 0.0
+    """Weight of the reconstruction warm-up loss (0 = off; costs one LLM pass over cue + target tokens)."""
+    reconstruct_cue_tokens: int = 8
+    """Tokens of the document's window given after the prefix as a cue."""
+    reconstruct_tokens: int = 48
+    """Tokens of the document after the cue that the LLM must produce from the prefix."""
+
+    def __post_init__(self) -> None:
+        for name in ("reconstruct_cue_tokens", "reconstruct_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"ObjectiveConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("alpha", "self_match_weight", "contrastive_weight", "distill_weight", "reconstruct_weight"):
+            if not getattr(self, name) >= 0:
+                raise InvalidInputError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -75,6 +95,7 @@ class LossTerms:
     """Share of examples whose gold document top-k selected by itself."""
     contrastive: torch.Tensor | None = None
     distill: torch.Tensor | None = None
+    reconstruct: torch.Tensor | None = None
     tokens: int = 0
     """LLM positions this batch fed: prompt+answer ids (padding included) per pass, plus the prefix."""
     answer_tokens: int = 0
@@ -125,6 +146,41 @@ def distillation_loss(
     t = teacher[:, :-1][teacher_labels[:, 1:] != -100].float() / temperature  # (T, V)
     kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
     return kl * temperature**2
+
+
+def reconstruction_rows(llm: HFCausalLM, documents: Sequence[str], starts: Sequence[float] | None, cue: int, length: int):
+    """Left-padded cue+target ids (B, n), mask (B, n), labels (B, n) with -100 outside the targets: a window
+    of each document (cue tokens, then up to `length` tokens to produce), starting at starts[i] of the room
+    left (documents shorter than the window give what they have)."""
+    tok = llm.tokenizer
+    rows, label_rows = [], []
+    for i, text in enumerate(documents):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        room = max(0, len(ids) - cue - length)
+        at = int((starts[i] if starts is not None else 0.0) * room)
+        window = ids[at : at + cue + length]
+        rows.append(window)
+        label_rows.append([-100] * min(cue, len(window)) + window[cue:])
+    n = max(map(len, rows))
+    ids_t = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        ids_t[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
+    return ids_t.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+
+
+def reconstruction_loss(
+    modules: CMTModules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor, batch: QABatch, config: ObjectiveConfig
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of each gold document's window after its own memory's prefix; question (B, k, d_m)
+    and memory (B, k, d_m) of the gold documents. Returns the loss and the LLM positions fed."""
+    B = memory.shape[0]
+    prefix, has_memory = modules.prefix(question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm)
+    ids, mask, labels = reconstruction_rows(llm, batch.documents, batch.window_starts, config.reconstruct_cue_tokens, config.reconstruct_tokens)
+    logits = llm.forward_logits(ids, mask, prefix, has_memory)  # (B, n, V)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return loss, ids.numel() + B * prefix.length
 
 
 def self_matching_loss(question_keys: torch.Tensor, doc_keys: torch.Tensor, lam: float) -> torch.Tensor:
@@ -194,12 +250,18 @@ def qa_objective(
             teacher = llm.forward_logits(t_ids, t_mask)  # (B, n', V)
         distill = distillation_loss(logits, labels, teacher, t_labels, config.distill_temperature)
         total = total + config.distill_weight * distill
+    reconstruct = None
+    if config.reconstruct_weight > 0:
+        reconstruct, rec_tokens = reconstruction_loss(modules, llm, questions.memory, docs.memory[:B], batch, config)
+        total = total + config.reconstruct_weight * reconstruct
     passes = 2 if config.alpha > 0 else 1  # the memory-aware objective adds a pass without memory
     tokens = passes * ids.numel() + (B * prefix.length if prefix is not None else 0)
     if distill is not None:
         tokens += t_ids.numel()
+    if reconstruct is not None:
+        tokens += rec_tokens
     return LossTerms(total=total, qa=qa, self_match=sm, retrieval_hits=hits, contrastive=contrastive, distill=distill,
-                     tokens=tokens, answer_tokens=int((labels != -100).sum()))
+                     reconstruct=reconstruct, tokens=tokens, answer_tokens=int((labels != -100).sum()))
 
 
 def contrastive_retrieval_loss(question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float) -> torch.Tensor:

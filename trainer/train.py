@@ -1,4 +1,4 @@
-r"""Offline trainer of Θ/ψ/π against a frozen LLM (DESIGN.md §1).
+r"""Offline trainer of Θ/ψ/π against a frozen LLM (docs/DESIGN.md §1).
 
     python -m trainer.train --llm runs/llm --data "squad-train=0.7,qed=0.2,archivalqa=0.1" --out runs/cmt \
         --llm-dtype bfloat16 --compressor.num-memory-tokens 16 --aligner.prefix-len 16 \
@@ -111,6 +111,9 @@ class TrainConfig:
     """Show progress bars."""
     resume: bool = False
     """Continue from <out>/last (optimizer, schedule, data position and RNG states included)."""
+    init_from: str = ""
+    """Start Θ/ψ/π from this checkpoint's weights (same shapes; the configs given here are used, so e.g.
+    --aggregator.queries may change), with a fresh optimizer and schedule ("" = random initialisation)."""
     compressor: CompressorConfig = field(default_factory=lambda: CompressorConfig(num_memory_tokens=8, lexical_key_weight=0.5))
     """Θ (service.models.config.CompressorConfig); the trainer starts with k=8 memory tokens and a lexical key
     weight of 0.5: without it the dense key confuses invented names that share pieces."""
@@ -133,6 +136,8 @@ class TrainConfig:
                 f"objective.top_k={self.objective.top_k} (training) != aggregator.top_k={self.aggregator.top_k} (the "
                 "checkpoint's serving default): set both (--objective.top-k N --aggregator.top-k N)"
             )
+        if self.init_from and self.resume:
+            raise ValueError("--init-from starts a new run; --resume continues <out>/last: give one of them")
         for spec in (self.data, self.valid_data):
             if spec:
                 parse_mixture(spec)

@@ -128,4 +128,5 @@ def build_qa_batch(
         timestamps=torch.tensor([e.timestamp for e in batch], dtype=torch.float64),  # (B,)
         distractors=[docs[d]["text"] for d in extra],
         distractor_timestamps=torch.tensor([timestamp(docs[d].get("date")) for d in extra], dtype=torch.float64),  # (len(extra),)
+        window_starts=[rng.random() for _ in batch],  # drawn last: the distractors stay those of earlier runs
     )

@@ -149,19 +149,32 @@ def build_or_resume_modules(run: Run, state: dict[str, Any] | None) -> CMTModule
         modules, _ = load_checkpoint(run.out / "last", run.llm.identity, run.llm.layout, device=run.device)
     else:
         modules = CMTModules.build(config.cmt_config(), run.llm.layout)
+        if config.init_from:
+            init_weights(modules, config.init_from, run.llm)
     run.train, dropped_train = run.train.filtered(lambda d: fits(modules.compressor, d["text"]))
     run.valid, dropped_valid = run.valid.filtered(lambda d: fits(modules.compressor, d["text"]))
     run.valid_ex = run.valid.first_questions(config.valid_questions)
     run.log["data"] = {"train": run.train.describe(), "valid": run.valid.describe(),
                        "dropped_too_long": {"train": dropped_train, "valid": dropped_valid}}
-    if state is None:
+    if state is None and not config.init_from:  # a checkpoint to start from brings its own IDF
         texts = [d["text"] for d in run.train.documents] + [e.question for exs in run.train.examples.values() for e in exs]
         modules.compressor.fit_lexical_idf(texts)
+    if state is None:
         modules = modules.to(run.device)
     modules.train()
     frozen = config.cache_backbone and not config.compressor.train_backbone
     run.cache = CachedBackbone(modules.compressor.backbone) if frozen else None
     return modules
+
+
+def init_weights(modules: CMTModules, checkpoint: str, llm: HFCausalLM) -> None:
+    """Copy a checkpoint's Θ/ψ/π weights into freshly built modules of the same shapes."""
+    source, _ = load_checkpoint(checkpoint, llm.identity, llm.layout)
+    for name in ("compressor", "aggregator", "aligner"):
+        try:
+            getattr(modules, name).load_state_dict(getattr(source, name).state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"--init-from {checkpoint}: its {name} does not fit the configured one: {exc}") from exc
 
 
 # ---- optimizer and schedule -------------------------------------------------------------------------------
@@ -219,6 +232,7 @@ def train_epoch(run: Run, epoch: int) -> bool:
             terms = qa_objective(modules, run.llm, qa_batch, objective, run.profile)
         (terms.total / config.grad_accum).backward()
         window.append({"loss": terms.total.item(), "qa": terms.qa.item(), "sm": terms.self_match.item(),
+                       "rec": terms.reconstruct.item() if terms.reconstruct is not None else 0.0,
                        "hits": terms.retrieval_hits, "questions": len(qa_batch.questions), "tokens": terms.tokens})
         bar.update(1)
         if (b + 1) % config.grad_accum and b + 1 < len(batches):
@@ -250,7 +264,7 @@ def log_step(run: Run, epoch: int, window: list[dict[str, float]], tick: float) 
     (LLM tokens/s: prompt+answer ids and prefix positions fed; questions/s). Returns the new tick."""
     now = time.perf_counter()
     seconds = max(now - tick, 1e-9)
-    mean = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "qa", "sm", "hits")}
+    mean = {k: sum(w[k] for w in window) / len(window) for k in ("loss", "qa", "sm", "rec", "hits")}
     tokens, questions = sum(w["tokens"] for w in window), sum(w["questions"] for w in window)
     run.log["steps"].append({
         "step": run.step, "epoch": epoch, "lr": run.sched.get_last_lr()[0], **mean, "seconds": seconds,

@@ -88,16 +88,24 @@ def select_top_k_recent(
     return Selection(pool.indices.gather(1, order), pool.scores.gather(1, order))
 
 
+def newest_first(times: Sequence[float], scores: Sequence[float]) -> list[int]:
+    """Positions ordered newest first; the same time: the better score first, then the earlier position.
+    The one recency order of training and serving, so ψ sees the same recency ranks in both."""
+    return sorted(range(len(times)), key=lambda i: (-times[i], -scores[i], i))
+
+
 def order_newest_first(selection: Selection, timestamps: torch.Tensor) -> Selection:
-    """Reorder each row's selected docs by time, newest first (padding stays at the end).
+    """Reorder each row's selected docs by `newest_first` (padding stays at the end).
 
     timestamps: (N,) float seconds (published_at, else received_at) of every bank row.
     """
     if selection.indices.shape[1] == 0:
         return selection
-    ts = timestamps.to(selection.scores.device)[selection.indices.clamp(min=0)]  # (B, K)
-    ts = torch.where(selection.mask, ts, torch.full_like(ts, float("-inf")))  # (B, K)
-    order = ts.argsort(dim=1, descending=True, stable=True)  # (B, K)
+    ts = timestamps.double().cpu()[selection.indices.clamp(min=0).cpu()]  # (B, K)
+    ts = torch.where(selection.mask.cpu(), ts, torch.full_like(ts, float("-inf")))  # (B, K)
+    scores = selection.scores.double().cpu().masked_fill(~selection.mask.cpu(), float("-inf"))  # (B, K)
+    rows = [newest_first(t, s) for t, s in zip(ts.tolist(), scores.tolist())]
+    order = torch.tensor(rows, dtype=torch.long, device=selection.indices.device)  # (B, K)
     return Selection(selection.indices.gather(1, order), selection.scores.gather(1, order))
 
 
@@ -119,8 +127,8 @@ class Aggregator(nn.Module):
     ) -> torch.Tensor:
         """question (B, k, d_m); memories (B, K, k, d_m) newest first; doc_mask (B, K) → M* (B, k, d_m).
 
-        Rows whose doc_mask is all False (empty bank) pass the question through; the caller then
-        gives the LLM no prefix for them.
+        Rows whose doc_mask is all False (empty bank) pass the question (or zeros) through; the caller
+        then gives the LLM no prefix for them.
         """
         B, K, k, d_m = memories.shape
         if question.shape != (B, k, d_m) or doc_mask.shape != (B, K):
@@ -137,7 +145,11 @@ class Aggregator(nn.Module):
         ctx = memories + self.slot_embedding + self.recency_embedding[:K, None]  # (B, K, k, d_m)
         ctx = ctx.reshape(B, K * k, d_m)  # (B, K·k, d_m)
         ctx_mask = doc_mask.bool().repeat_interleave(k, dim=1)  # (B, K·k)
-        x = question + self.slot_embedding  # (B, k, d_m)
+        if self.config.queries == "memories":  # M* from the documents alone (AggregatorConfig.queries)
+            weights = doc_mask.to(memories)[..., None, None]  # (B, K, 1, 1)
+            x = (memories * weights).sum(1) / weights.sum(1).clamp(min=1) + self.slot_embedding  # (B, k, d_m)
+        else:
+            x = question + self.slot_embedding  # (B, k, d_m)
         for block in self.blocks:
             x = block(x, ctx, ctx_mask)
         return self.out_norm(x)  # (B, k, d_m)

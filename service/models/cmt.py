@@ -3,7 +3,7 @@
 Letters: B questions, N docs in a bank, K selected docs, k memory tokens, d_m memory width.
 
     question ─► Θ ─► key ─► top-k over bank keys ─► memories newest first ─► ψ ─► M* ─► π ─► prefix
-                 └─► Θ(q) tokens ──────────────────────────────────────────┘             │
+                 └─► Θ(q) tokens (ψ's queries, unless queries="memories") ──┘             │
     prompt (profile) "Question: …\nAnswer:" ────────────────────────────► frozen LLM (prefix) ◄──┘
 """
 
@@ -20,7 +20,7 @@ from service.models.aggregator import Aggregator, Selection, order_newest_first,
 from service.models.aligner import Aligner
 from service.models.compressor import Compressed, Compressor
 from service.models.config import CMTConfig
-from service.models.llm import Generation, GenerationConfig, HFCausalLM
+from service.models.llm import Generation, GenerationConfig, LLMBackend
 from service.models.prefix import KVLayout, KVPrefix
 from service.models.prompts import PromptProfile, get_profile
 
@@ -46,7 +46,7 @@ class CMTModules(nn.Module):
         return self.compressor.device
 
     def prefix(
-        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: HFCausalLM | None = None
+        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: LLMBackend | None = None
     ) -> tuple[KVPrefix | None, torch.Tensor]:
         """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K); the frozen LLM is
         read by an "embeddings" aligner only.
@@ -103,7 +103,7 @@ class Answer:
 class CMTPipeline:
     """Θ/ψ/π plus a frozen LLM: compress documents, answer questions from a bank."""
 
-    def __init__(self, modules: CMTModules, llm: HFCausalLM, profile: PromptProfile | None = None) -> None:
+    def __init__(self, modules: CMTModules, llm: LLMBackend, profile: PromptProfile | None = None) -> None:
         if modules.aligner.layout != llm.layout:
             raise InvalidInputError(f"aligner built for {modules.aligner.layout}, LLM needs {llm.layout}")
         self.modules = modules.eval()

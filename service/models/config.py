@@ -100,6 +100,11 @@ class AggregatorConfig:
     num_heads: int = 8
     """Attention heads (must divide the memory width)."""
     dropout: float = 0.0
+    queries: str = "question"
+    """What ψ's k queries start from. "question": the question's own Θ tokens (the paper); their residual
+    reaches π, so a short run can lower the answer loss with a question-conditioned prompt and ignore the
+    document. "memories": the mean of the selected documents' memories (the document itself when top-1),
+    so M* carries nothing but the memories and the question reaches the LLM only through its prompt."""
     recency_margin: float = 0.0
     """Selection prefers newer reports: each pick is the newest document among those whose key score is
     within this margin of the best one left (a later report on the same fact scores about as high as
@@ -109,6 +114,8 @@ class AggregatorConfig:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
+        if self.queries not in ("question", "memories"):
+            raise InvalidInputError(f'AggregatorConfig.queries must be "question" or "memories", got {self.queries!r}')
         if not 0 <= self.recency_margin <= 2:  # also refuses NaN
             raise InvalidInputError(f"AggregatorConfig.recency_margin must be in [0, 2] (cosine units), got {self.recency_margin}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -70,11 +70,20 @@ class LLMIdentity:
     fingerprint: str
 
 
+@runtime_checkable
 class LLMBackend(Protocol):
-    """What the CMT pipeline needs from a frozen LLM (HF now; a vLLM connector may come later)."""
+    """What serving needs from a frozen LLM: the engine, the ask service and CMTPipeline are typed against
+    it (HFCausalLM now; a vLLM backend implements the same). Training needs `HFCausalLM.forward_logits`."""
 
     layout: KVLayout
     identity: LLMIdentity
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int]
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def prefix_from_embeddings(self, embeddings: torch.Tensor) -> KVPrefix: ...
 
     def generate(
         self,
@@ -83,6 +92,14 @@ class LLMBackend(Protocol):
         prefix_mask: torch.Tensor | None = None,
         config: GenerationConfig = GenerationConfig(),
     ) -> list[Generation]: ...
+
+    def stream(
+        self,
+        prompts: Sequence[str],
+        prefix: KVPrefix | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        config: GenerationConfig = GenerationConfig(),
+    ) -> Iterator[torch.Tensor]: ...
 
 
 class HFCausalLM:

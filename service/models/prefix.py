@@ -2,7 +2,7 @@
 
 Letters: B batch, p prefix positions, H_kv key/value heads, hd head width, n prompt tokens.
 
-Facts this relies on (DESIGN.md §3): a fresh `DynamicCache` per request filled layer by layer;
+Facts this relies on (docs/DESIGN.md §3): a fresh `DynamicCache` per request filled layer by layer;
 `attention_mask` must cover p + n positions, ones over the prefix (zeros switch the prefix off
 for a row exactly); keys in the cache count as already rotated; prompt positions start at p.
 """

@@ -2,7 +2,7 @@
 
 A profile is a property of the LLM, not of the code: the same words that make one LLM answer with a
 short span make another ramble (SmolLM2-135M-Instruct through its chat template answers SQuAD with
-whole sentences: F1 15.4; as a plain transcript with two short examples: F1 30.3, DESIGN.md §3).
+whole sentences: F1 15.4; as a plain transcript with two short examples: F1 30.3, docs/DESIGN.md §3).
 The trainer records the profile in the checkpoint (`PromptProfile.to_dict`), so the service, the
 evaluation and training all ask the LLM the same way.
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
+
 import torch
 
 from service.models.prompts import get_profile
@@ -112,3 +114,15 @@ def test_whole_bank_ablation_is_recognised_in_nested_and_flat_train_configs():
     assert trained_with_top_k({"objective": {"use_top_k": False}}) is False
     assert trained_with_top_k({"use_top_k": False}) is False
     assert trained_with_top_k({"objective": {"use_top_k": True}}) is True and trained_with_top_k({}) is True
+
+
+def test_rows_option_runs_only_the_named_groups(tmp_path, model_dirs):
+    llm_dir, ckpt_dir = model_dirs
+    write_jsonl(tmp_path / "stream-test.jsonl", synthetic_stream(STREAM)["train"])
+    common = ["--llm", str(llm_dir), "--checkpoint", str(ckpt_dir), "--data", str(tmp_path / "stream-{split}.jsonl"),
+              "--retention-docs", "0", "--robustness-questions", "0", "--max-questions", "8", "--no-cache"]
+    assert main([*common, "--rows", "cmt", "--out", str(tmp_path / "r")]) == 0
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    assert {r["family"] for r in rows} == {"cmt"} and len(rows) == 2  # CMT top-k and CMT over the bank
+    with pytest.raises(ValueError, match="unknown row groups"):
+        main([*common, "--rows", "cmt,gold", "--out", str(tmp_path / "bad")])

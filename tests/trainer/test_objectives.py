@@ -69,3 +69,34 @@ def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise
         student = llm.forward_logits(s_ids, s_mask)
     assert distillation_loss(teacher, t_labels, teacher, t_labels).item() == pytest.approx(0.0, abs=1e-6)
     assert distillation_loss(student, s_labels, teacher, t_labels).item() > 1e-4
+
+
+def test_reconstruction_rows_label_only_the_window_after_the_cue(bpe_tokenizer):
+    from trainer.objectives import reconstruction_rows
+
+    llm = tiny_llama(bpe_tokenizer)
+    text = " ".join(f"word{i}" for i in range(80))
+    ids = bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows, mask, labels = reconstruction_rows(llm, [text, "short text"], [1.0, 0.5], cue=4, length=10)
+    window = ids[len(ids) - 14 :]  # start 1.0 = the last window that fits
+    assert rows[0].tolist() == window and mask[0].all()
+    assert labels[0].tolist() == [-100] * 4 + window[4:]
+    short = bpe_tokenizer("short text", add_special_tokens=False)["input_ids"]
+    assert rows[1, -len(short):].tolist() == short and int(mask[1].sum()) == len(short)
+    assert (labels[1] != -100).sum() == max(0, len(short) - 4)
+
+
+def test_reconstruction_loss_trains_theta_psi_pi_from_the_document_alone(make_modules, bpe_tokenizer, paragraphs):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = make_modules(llm)
+    batch = _batch(paragraphs)
+    batch.window_starts = [0.0, 0.5, 1.0]
+    terms = qa_objective(modules, llm, batch, ObjectiveConfig(top_k=2, self_match_weight=0.0, reconstruct_weight=1.0))
+    assert terms.reconstruct is not None and torch.isfinite(terms.reconstruct)
+    assert torch.allclose(terms.total, terms.qa + terms.reconstruct)
+    modules.zero_grad()
+    terms.reconstruct.backward()
+    for param in (modules.compressor.soft_tokens, modules.aligner.up_proj.weight):  # Θ and π both learn from it
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="reconstruct_tokens"):
+        ObjectiveConfig(reconstruct_tokens=0)

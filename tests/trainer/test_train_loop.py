@@ -75,3 +75,23 @@ def test_documents_the_compressor_refuses_are_dropped_with_their_questions(tmp_p
     log = train(_config(tmp_path / "run", max_steps=1), llm=tiny_gpt2(bpe_tokenizer), train_docs=[huge, *stream["train"]], valid_docs=[])
     assert log["data"]["dropped_too_long"] == {"train": 1, "valid": 0}
     assert log["data"]["train"][0]["documents"] == len(stream["train"])
+
+
+def test_init_from_starts_a_run_from_a_checkpoints_weights_with_other_aggregator_queries(tmp_path, bpe_tokenizer):
+    from service.models.checkpoint import load_checkpoint
+    from service.models.config import AggregatorConfig
+
+    torch.set_num_threads(1)
+    stream = synthetic_stream(STREAM)
+    llm = tiny_gpt2(bpe_tokenizer)
+    train(_config(tmp_path / "a", max_steps=2), llm=llm, train_docs=stream["train"], valid_docs=[])
+    first = _config(tmp_path / "b", max_steps=1, lr=0.0, warmup=1, init_from=str(tmp_path / "a" / "last"))
+    first.aggregator = AggregatorConfig(**{**vars(first.aggregator), "queries": "memories"})
+    train(first, llm=llm, train_docs=stream["train"], valid_docs=[])
+    a, _ = load_checkpoint(tmp_path / "a" / "last", llm.identity, llm.layout)
+    b, config = load_checkpoint(tmp_path / "b" / "last", llm.identity, llm.layout)
+    assert config["cmt"]["aggregator"]["queries"] == "memories"
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), f"{name} was not copied (lr 0 keeps it)"
+    with pytest.raises(ValueError, match="init-from"):
+        _config(tmp_path / "c", init_from=str(tmp_path / "a" / "last"), resume=True)

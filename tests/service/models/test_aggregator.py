@@ -102,3 +102,21 @@ def test_bad_aggregator_inputs_raise_clear_errors(make_modules, bpe_tokenizer):
         modules.aggregator(torch.randn(1, 4, 384), torch.randn(1, 2, 4, 384), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(InvalidInputError, match="max_docs"):
         modules.aggregator(torch.randn(1, 4, 384), torch.randn(1, 9, 4, 384), torch.ones(1, 9, dtype=torch.bool))
+
+
+def test_memories_queries_make_m_star_independent_of_the_question(make_modules, bpe_tokenizer):
+    """queries="memories": M* is a function of the selected memories alone (no question shortcut to π)."""
+    from dataclasses import replace
+
+    modules = make_modules(tiny_gpt2(bpe_tokenizer)).eval()
+    modules.aggregator.config = replace(modules.aggregator.config, queries="memories")
+    docs = modules.compressor.compress(["It rained on 1 February.", "It snowed on 2 February."])
+    q = modules.compressor.compress(["What was the weather?", "Who won the match?"])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    with torch.no_grad():
+        same_doc = modules.aggregator(q.memory, docs.memory[[0, 0]][:, None], mask)  # (2, k, d_m)
+        other_doc = modules.aggregator(q.memory, docs.memory[[0, 1]][:, None], mask)
+    assert torch.allclose(same_doc[0], same_doc[1], atol=1e-6), "two questions, one document: one M*"
+    assert (other_doc[0] - other_doc[1]).abs().max() > 1e-4, "another document gives another M*"
+    with pytest.raises(InvalidInputError, match="queries"):
+        replace(modules.aggregator.config, queries="both")

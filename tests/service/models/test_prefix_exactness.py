@@ -111,3 +111,9 @@ def test_prefix_from_embeddings_of_real_tokens_reproduces_in_context_logits(llm)
         with torch.no_grad():
             ref = llm.model(input_ids=torch.cat([ctx[b], q])[None]).logits[0, ctx.shape[1] :]
         assert (got[b, -len(q) :] - ref).abs().max().item() <= 1e-4, f"row {b}"
+
+
+def test_the_hf_backend_implements_the_serving_interface(llm):
+    from service.models.llm import LLMBackend
+
+    assert isinstance(llm, LLMBackend), "the engine and CMTPipeline are typed against LLMBackend"
