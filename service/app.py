@@ -15,15 +15,14 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import error_response, install_error_handlers
 from service.api.routes import router
-from service.metrics import Metrics
+from service.metrics import Metrics, ServedModel
 from service.runtime.ask import AskService, make_ask_batcher
 from service.runtime.engine import Engine
 from service.runtime.ingest import IngestService, make_compress_batcher
 from service.runtime.state import AppState
 from service.settings import Settings
-from service.storage.embedded import EmbeddedRedis
+from service.storage.factory import open_bank
 from service.storage.index import VectorIndex
-from service.storage.redis_store import RedisMemoryStore
 from service.storage.sync import SyncedIndex
 
 log = logging.getLogger("service")
@@ -35,16 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        embedded = None
-        url = settings.redis_url
-        if url is None:
-            embedded = await run_in_threadpool(
-                EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start
-            )
-            url = embedded.url
-            log.info("embedded redis at %s (AOF in %s)", url, settings.data_dir)
-        store = RedisMemoryStore(url, bank=settings.bank)
-        metrics.instrument_store(store)
+        # The store reports every Redis operation to the metrics (latency, errors by cause).
+        store = await run_in_threadpool(open_bank, settings, on_operation=metrics.on_store_operation)
         try:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
@@ -56,8 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ask_batcher = make_ask_batcher(ask, settings, metrics.on_batch("ask"))
             ingest.batcher.start()
             ask_batcher.start()
-            app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, embedded)
-            metrics.bind(app.state.cmt)
+            app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher)
+            served = ServedModel(engine.compressor_version, str(engine.checkpoint_dir), engine.llm.identity.name_or_path,
+                                 str(engine.modules.device), settings.dtype, engine.load_seconds)
+            metrics.bind(served, index=index, queues={"ingest": ingest.batcher, "ask": ask_batcher},
+                         bank_stats=lambda sample: store.bank_stats(engine.memory_value_bytes, sample))
             log.info("ready: %d documents indexed", len(index))
             yield
             # Graceful shutdown: uvicorn has stopped accepting requests; queued work is finished.
@@ -66,9 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             index.close()
         finally:
             metrics.unbind()
-            store.close()
-            if embedded is not None:
-                embedded.stop()
+            store.close()  # stops the embedded Redis if open_bank started it
 
     app = FastAPI(title="CMT memory service", version="0.1.0", lifespan=lifespan,
                   description="Compressed document memories for a frozen LLM (CMT, AAAI 2025).")

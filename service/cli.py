@@ -24,7 +24,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--llm", help="frozen LLM: local dir, hub id, .gguf file or smollm2-135m-instruct (CMT_LLM)")
     parser.add_argument("--checkpoint", help="checkpoint dir (CMT_CHECKPOINT)")
     parser.add_argument("--redis-url", help="Redis URL; absent = embedded redis-server (CMT_REDIS_URL)")
-    parser.add_argument("--data-dir", help="embedded Redis data folder (CMT_DATA_DIR)")
+    parser.add_argument("--data-dir", help="folder of the embedded Redis, used without --redis-url (CMT_DATA_DIR)")
     parser.add_argument("--bank", help="memory bank name (CMT_BANK)")
     return parser
 
@@ -62,11 +62,12 @@ def reindex_main(argv: list[str] | None = None) -> int:
     """cmt-reindex: bring every stored memory to the configured checkpoint's compressor version."""
     _quiet_openmp()
     from service.runtime.engine import Engine
-    from service.storage.embedded import EmbeddedRedis
-    from service.storage.redis_store import RedisMemoryStore
+    from service.storage.factory import open_bank
     from service.storage.reindex import reindex
 
     parser = _parser("Re-compress every stored document with the configured checkpoint (resumable).")
+    parser.add_argument("--batch-size", type=int, dest="ingest_batch_size",
+                        help="documents compressed together (CMT_INGEST_BATCH_SIZE)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     progress = not args.no_progress
@@ -78,16 +79,10 @@ def reindex_main(argv: list[str] | None = None) -> int:
         out = engine.compress(texts)
         return out.memory, out.key  # (B, k, d_m) fp16, (B, d_m)
 
-    embedded = None if settings.redis_url else EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start()
-    store = RedisMemoryStore(settings.redis_url or embedded.url, bank=settings.bank)
-    try:
+    with open_bank(settings) as store:  # closing it stops an embedded server this command started
         stats = reindex(store, compress, engine.compressor_version, batch_size=settings.ingest_batch_size,
                         progress=progress)
         left = store.stale_count(engine.compressor_version)
-    finally:
-        store.close()
-        if embedded is not None:
-            embedded.stop()  # only stops a server this command started itself
     print(f"reindex to {engine.compressor_version}: {stats}; stale documents left: {left}")
     return 0 if left == 0 else 1
 

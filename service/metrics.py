@@ -23,22 +23,23 @@ Recorded where they happen:
 - Ingest: `cmt_ingest_documents_received_total`, `cmt_ingest_documents_total{status}` with
   status new | replaced | unchanged (stored or already stored) | rejected (the request failed).
 - Redis: `cmt_redis_operation_duration_seconds{op}` and `cmt_redis_errors_total{op,cause}` for
-  every store operation (the blocking stream read is counted, not timed).
+  every store operation, which the store reports to `on_store_operation` (the blocking stream
+  read is counted, not timed).
 
-Computed at scrape time (`StateCollector`): queue depths, index size/kind/stale documents, the
-bank's documents, memories per compressor version and bytes (cached `bank_stats_ttl_s`: never a
-SCAN per scrape), GPU memory when the models run on CUDA.
+Computed at scrape time (`StateCollector`) from what the lifespan hands to `bind`: queue depths,
+index size/kind/stale documents, the bank's documents, memories per compressor version and bytes
+(`MemoryStore.bank_stats`, cached `bank_stats_ttl_s`: never a SCAN per scrape), GPU memory when
+the models run on CUDA. This module knows the runtime only through those small interfaces.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -53,8 +54,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-if TYPE_CHECKING:
-    from service.runtime.state import AppState
+from service.errors import StorageUnavailableError
+from service.storage.base import BLOCKING_OPS, BankStats
 
 log = logging.getLogger(__name__)
 # No `*_created` series: in the text format they are extra gauges per label set that no panel uses.
@@ -67,45 +68,44 @@ STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
 # Loopback Redis: GET ≈ 0.1 ms, a 32-memory MGET ≈ 3 ms (DESIGN.md §3).
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Store operations that block by design (XREAD BLOCK of the sync follower): counted, not timed.
-BLOCKING_OPS = frozenset({"read_events"})
 
 
 @dataclass(frozen=True)
-class BankStats:
-    documents: int
-    memories_by_version: dict[str, int]
-    memory_bytes: int
-    text_bytes: int
-    text_sampled: int  # documents whose text length was read (== documents: exact)
+class ServedModel:
+    """What the app serves (`cmt_checkpoint_info`, `cmt_model_load_seconds`)."""
+
+    compressor_version: str
+    checkpoint: str
+    llm: str
+    device: str
+    dtype: str
+    load_seconds: float
 
 
-def read_bank_stats(store: Any, memory_size: Any, sample: int = 256) -> BankStats:
-    """Bank size from Redis in two round trips, whatever the bank's size (no SCAN).
+class IndexView(Protocol):
+    """What the index gauges read (a `SyncedIndex`)."""
 
-    Documents: ZCARD of the id set. Memories per compressor version: the counts the write
-    scripts maintain. Memory bytes: counts × the encoded size of one memory of that version
-    (`memory_size(cv)`: exact for the serving compressor's k × d_m). Text bytes: exact (HSTRLEN of every text) up to `sample` documents,
-    beyond that the mean of `sample` random documents (ZRANDMEMBER) × documents.
-    """
-    r = store._r
-    with store._guard("bank_stats"):
-        pipe = r.pipeline(transaction=False)
-        pipe.zcard(store.ids_key)
-        pipe.hgetall(store.cv_key)
-        n, raw = pipe.execute()
-        n = int(n)
-        versions = {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
-        ids = r.zrange(store.ids_key, 0, -1) if n <= sample else r.zrandmember(store.ids_key, sample)
-        lengths: list[int] = []
-        if ids:
-            pipe = r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hstrlen(store.doc_key(i.decode()), "text")
-            lengths = [int(x) for x in pipe.execute()]
-    text = sum(lengths) if n <= sample else round(sum(lengths) / max(len(lengths), 1) * n)
-    mem = sum(c * memory_size(cv) for cv, c in versions.items())
-    return BankStats(n, versions, mem, text, len(lengths))
+    def __len__(self) -> int: ...
+
+    @property
+    def is_approximate(self) -> bool: ...
+
+    def stale_count(self, compressor_version: str) -> int: ...
+
+
+class QueueView(Protocol):
+    """What the queue gauge reads (a `MicroBatcher`)."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Bound:
+    model: ServedModel
+    index: IndexView
+    queues: Mapping[str, QueueView]
+    bank_stats: Callable[[int], BankStats]
 
 
 class StateCollector:
@@ -118,7 +118,7 @@ class StateCollector:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.m.state
+        bound = self.m.bound
         queue = GaugeMetricFamily("cmt_queue_depth", "Items waiting in a batcher's queue", labels=["batcher"])
         index_docs = GaugeMetricFamily("cmt_index_documents", "Live documents in this replica's top-k index")
         index_kind = GaugeMetricFamily(
@@ -137,14 +137,14 @@ class StateCollector:
         gpu_res = GaugeMetricFamily("cmt_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator",
                                     labels=["device"])
         gpu_total = GaugeMetricFamily("cmt_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"])
-        if state is not None:
-            queue.add_metric(["ingest"], state.ingest.batcher.queue_depth)
-            queue.add_metric(["ask"], state.ask_batcher.queue_depth)
-            index_docs.add_metric([], len(state.index))
-            approx = bool(getattr(getattr(state.index, "index", state.index), "is_approximate", False))
+        if bound is not None:
+            for name, batcher in bound.queues.items():
+                queue.add_metric([name], batcher.queue_depth)
+            index_docs.add_metric([], len(bound.index))
+            approx = bound.index.is_approximate
             index_kind.add_metric(["exact"], 0 if approx else 1)
             index_kind.add_metric(["hnsw"], 1 if approx else 0)
-            stale.add_metric([], state.index.stale_count(state.engine.compressor_version))
+            stale.add_metric([], bound.index.stale_count(bound.model.compressor_version))
             stats, at = self.m.bank_stats()
             if stats is not None:
                 docs.add_metric([], stats.documents)
@@ -153,7 +153,7 @@ class StateCollector:
                 mem_bytes.add_metric([], stats.memory_bytes)
                 text_bytes.add_metric([], stats.text_bytes)
                 age.add_metric([], time.monotonic() - at)
-            for device, alloc, reserved, total in gpu_memory(str(state.engine.modules.device)):
+            for device, alloc, reserved, total in gpu_memory(bound.model.device):
                 gpu_alloc.add_metric([device], alloc)
                 gpu_res.add_metric([device], reserved)
                 gpu_total.add_metric([device], total)
@@ -221,7 +221,7 @@ class Metrics:
         self.model_load_seconds = Gauge("cmt_model_load_seconds", "Time to load the models at start", registry=r)
         self.checkpoint = Info("cmt_checkpoint", "Checkpoint and LLM being served", registry=r)
         # ---- scrape time -----------------------------------------------------------------------
-        self.state: AppState | None = None
+        self.bound: _Bound | None = None
         self.bank_stats_ttl_s = bank_stats_ttl_s
         self.bank_stats_sample = bank_stats_sample
         self._bank: tuple[BankStats | None, float] = (None, float("-inf"))
@@ -237,63 +237,49 @@ class Metrics:
 
         return record
 
-    def instrument_store(self, store: Any) -> None:
-        """Time every operation of a `RedisMemoryStore` and count its failures.
+    def on_store_operation(self, op: str, seconds: float, error: StorageUnavailableError | None) -> None:
+        """The store's operation observer (`open_bank(settings, on_operation=...)`)."""
+        if error is not None:
+            self.redis_errors.labels(op, str((error.details or {}).get("cause", "unknown"))).inc()
+        if op not in BLOCKING_OPS:  # a blocking read's time is mostly its wait
+            self.redis_duration.labels(op).observe(seconds)
 
-        Every store operation runs inside `store._guard(op)` (which maps Redis errors to
-        StorageUnavailableError); this wraps that method on the instance.
+    def bind(
+        self,
+        model: ServedModel,
+        *,
+        index: IndexView,
+        queues: Mapping[str, QueueView],
+        bank_stats: Callable[[int], BankStats],
+    ) -> None:
+        """Called by the lifespan once the models are loaded and the index is built.
+
+        `queues`: batcher name → batcher; `bank_stats(sample)` reads the bank (Redis) and is cached here.
         """
-        from service.errors import StorageUnavailableError
-
-        inner = store._guard
-        duration, errors = self.redis_duration, self.redis_errors
-
-        @contextlib.contextmanager
-        def guard(op: str) -> Iterator[None]:
-            start = time.perf_counter()
-            try:
-                with inner(op):
-                    yield
-            except StorageUnavailableError as exc:
-                errors.labels(op, str((exc.details or {}).get("cause", "unknown"))).inc()
-                raise
-            finally:
-                if op not in BLOCKING_OPS:
-                    duration.labels(op).observe(time.perf_counter() - start)
-
-        store._guard = guard
-
-    def bind(self, state: AppState) -> None:
-        """Called by the lifespan once the models are loaded and the index is built."""
-        engine = state.engine
-        self.state = state
-        self.model_load_seconds.set(engine.load_seconds)
+        self.bound = _Bound(model, index, queues, bank_stats)
+        self.model_load_seconds.set(model.load_seconds)
         self.checkpoint.info({
-            "compressor_version": engine.compressor_version,
-            "checkpoint": str(engine.checkpoint_dir),
-            "llm": engine.llm.identity.name_or_path,
-            "device": str(engine.modules.device),
-            "dtype": state.settings.dtype,
+            "compressor_version": model.compressor_version,
+            "checkpoint": model.checkpoint,
+            "llm": model.llm,
+            "device": model.device,
+            "dtype": model.dtype,
         })
 
     def unbind(self) -> None:
-        self.state = None
+        self.bound = None
 
     # ---- scrape-time reads --------------------------------------------------------------------------
     def bank_stats(self) -> tuple[BankStats | None, float]:
         """Cached bank statistics, refreshed at most every `bank_stats_ttl_s` (last good value on error)."""
-        state = self.state
+        bound = self.bound
         with self._bank_lock:
             stats, at = self._bank
             now = time.monotonic()
-            if state is None or now - at < self.bank_stats_ttl_s or now < self._bank_retry_at:
+            if bound is None or now - at < self.bank_stats_ttl_s or now < self._bank_retry_at:
                 return stats, at
-            from service.storage import codec
-
-            engine = state.engine
-            k, d_m = engine.num_memory_tokens, engine.modules.config.compressor.memory_dim
             try:
-                stats = read_bank_stats(state.store, lambda cv: codec.encoded_size(k, d_m, cv), self.bank_stats_sample)
+                stats = bound.bank_stats(self.bank_stats_sample)
                 at = time.monotonic()
                 self._bank = (stats, at)
             except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is down

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """redis://, rediss://, unix://, redis+cluster://, redis+sentinel://; None = embedded redis-server."""
     data_dir: Path = Path(".data/redis")
-    """Data folder (AOF) of the embedded Redis."""
+    """Folder of the embedded redis-server, used when `redis_url` is None: its AOF, `server.json`
+    (a second process on the same folder reuses the running server) and log live directly in it.
+    The service and `cmt-reindex` open it alike (`service.storage.factory.open_bank`)."""
     appendfsync: Literal["always", "everysec"] = "always"
     """Embedded Redis AOF fsync policy; "always" makes every acknowledged write durable."""
     bank: str = "default"

@@ -20,8 +20,7 @@ from service.api.schemas import (
     ErrorOut, Source,
 )
 from service.errors import NotFoundError
-from service.runtime.ask import AskFilters
-from service.storage.base import DocumentInput
+from service.storage.base import DocumentInput, SearchFilters
 
 ERRORS = {code: {"model": ErrorOut} for code in (401, 404, 413, 422, 429, 500, 503)}
 router = APIRouter(responses=ERRORS)
@@ -84,12 +83,7 @@ def _sources(state, hits) -> list[Source]:
 
 @router.post("/ask", response_model=AskOut, dependencies=[Depends(require_read_key)])
 async def ask(body: AskIn, state: State):
-    f = body.filters or None
-    filters = AskFilters(
-        source=tuple(f.source) if f and f.source else None,
-        published_from=f.published_from if f else None,
-        published_to=f.published_to if f else None,
-    )
+    filters = body.filters or SearchFilters()
     sampling = {"do_sample": body.temperature is not None, "temperature": body.temperature or 1.0, "top_p": body.top_p, "seed": body.seed,
                 "stop_strings": tuple(body.stop or ())}
     item = state.ask.item(body.question, body.top_k, body.max_new_tokens, body.alpha, filters,

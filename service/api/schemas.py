@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from service.storage.base import SearchFilters
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -62,12 +64,6 @@ class DocumentList(BaseModel):
     documents: list[DocumentSummary]
 
 
-class Filters(Strict):
-    source: list[str] | None = Field(None, min_length=1, description="Only documents from these sources")
-    published_from: AwareDatetime | None = None
-    published_to: AwareDatetime | None = None
-
-
 class AskIn(Strict):
     question: str = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
@@ -79,7 +75,7 @@ class AskIn(Strict):
     stop: list[Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
         None, max_length=4, description='Generation stops at the first of these strings (e.g. ["\\n"]); the answer excludes it'
     )
-    filters: Filters | None = None
+    filters: SearchFilters | None = None
     recency_margin: float | None = Field(
         None, ge=0.0, le=2.0,
         description="Prefer newer reports: each pick is the newest document scoring within this margin of the best one left "

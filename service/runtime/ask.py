@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Iterator
 
 import torch
@@ -21,16 +20,9 @@ from service.models.llm import Generation, GenerationConfig, cut_at_stop
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
+from service.storage.base import MemoryStore, SearchFilters
 from service.storage.index import SearchHit, order_chronologically
-from service.storage.redis_store import RedisMemoryStore
 from service.storage.sync import SyncedIndex
-
-
-@dataclass(frozen=True)
-class AskFilters:
-    source: tuple[str, ...] | None = None
-    published_from: datetime | None = None
-    published_to: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -38,7 +30,7 @@ class AskItem:
     question: str
     top_k: int
     generation: GenerationConfig
-    filters: AskFilters = AskFilters()
+    filters: SearchFilters = SearchFilters()
     recency_margin: float = 0.0
     """Newer reports within this key-score margin of the best are picked first (select_recent)."""
 
@@ -54,12 +46,12 @@ class AskResult:
 @dataclass
 class AskService:
     engine: Engine
-    store: RedisMemoryStore
+    store: MemoryStore
     index: SyncedIndex
     settings: Settings
 
     def item(
-        self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float | None, filters: AskFilters,
+        self, question: str, top_k: int | None, max_new_tokens: int | None, alpha: float | None, filters: SearchFilters,
         recency_margin: float | None = None, **sampling,
     ) -> AskItem:
         """Validate one request against the limits; clear 4xx errors."""
@@ -93,9 +85,8 @@ class AskService:
         found = []
         for i, item in enumerate(items):
             hits = self.index.search(
-                keys[i], recency_candidates(item.top_k) if item.recency_margin > 0 else item.top_k,
-                compressor_version=self.engine.compressor_version, source=item.filters.source,
-                published_from=item.filters.published_from, published_to=item.filters.published_to,
+                keys[i], recency_candidates(item.top_k) if item.recency_margin > 0 else item.top_k, item.filters,
+                compressor_version=self.engine.compressor_version,
             )
             if item.recency_margin > 0:
                 times = [(h.published_at or h.received_at).timestamp() for h in hits]

@@ -19,9 +19,13 @@ from service.models.compressor import Compressed
 from service.models.llm import Generation, GenerationConfig, HFCausalLM
 from service.models.prompts import PromptProfile, get_profile
 from service.settings import Settings
+from service.storage import codec
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORED_DTYPE = torch.float16
+"""dtype of the memory and the key `Engine.compress` hands to the store: fp16 halves the bank's
+bytes, and cosine top-k over fp16 keys ranks like fp32."""
 
 
 @dataclass
@@ -65,7 +69,13 @@ class Engine:
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Θ on CPU/GPU; memory and key come back on the CPU in fp16, exactly what is stored."""
         out = self.modules.compressor.compress(list(texts))
-        return Compressed(out.memory.to("cpu", torch.float16), out.key.to("cpu", torch.float16))
+        return Compressed(out.memory.to("cpu", STORED_DTYPE), out.key.to("cpu", STORED_DTYPE))
+
+    def memory_value_bytes(self, compressor_version: str | None = None) -> int:
+        """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""
+        cv = self.compressor_version if compressor_version is None else compressor_version
+        d_m = self.modules.config.compressor.memory_dim
+        return codec.encoded_size(self.num_memory_tokens, d_m, cv, key_dtype=STORED_DTYPE, memory_dtype=STORED_DTYPE)
 
     def encode_questions(self, questions: Sequence[str]) -> Compressed:
         """Θ(q) kept on the model's device in fp32 (ψ reads its tokens)."""

@@ -15,9 +15,7 @@ from service.errors import InvalidInputError, PayloadTooLargeError
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
-from service.storage import codec
-from service.storage.base import DocumentInput, MemoryWrite, PutResult, content_hash
-from service.storage.redis_store import RedisMemoryStore
+from service.storage.base import DocumentInput, MemoryStore, MemoryWrite, PutResult, content_hash
 
 Compressed1 = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp16
 
@@ -40,7 +38,7 @@ def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> 
 @dataclass
 class IngestService:
     engine: Engine
-    store: RedisMemoryStore
+    store: MemoryStore
     batcher: MicroBatcher[str, Compressed1]
     settings: Settings
 
@@ -80,5 +78,5 @@ class IngestService:
             writes = [MemoryWrite(d, mem, key) for d, (mem, key) in zip(todo, compressed)]
             results = await run_in_threadpool(self.store.put_many, writes, cv)
             written = {r.id: r for r in results}
-        size = codec.encoded_size(self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim, cv, key_bytes=2)
+        size = self.engine.memory_value_bytes(cv)  # what an unchanged document's stored value holds
         return [written.get(d.id) or PutResult(d.id, "unchanged", unchanged[d.id], size) for d in docs]

@@ -10,8 +10,7 @@ from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.runtime.ingest import IngestService
 from service.settings import Settings
-from service.storage.embedded import EmbeddedRedis
-from service.storage.redis_store import RedisMemoryStore
+from service.storage.base import MemoryStore
 from service.storage.sync import SyncedIndex
 
 
@@ -20,9 +19,8 @@ class AppState:
     settings: Settings
     metrics: Metrics
     engine: Engine
-    store: RedisMemoryStore
+    store: MemoryStore  # closing it stops the embedded Redis if this process started one
     index: SyncedIndex
     ingest: IngestService
     ask: AskService
     ask_batcher: MicroBatcher[AskItem, AskResult]
-    embedded: EmbeddedRedis | None

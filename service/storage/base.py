@@ -1,23 +1,25 @@
-"""Records and the small storage interface the rest of the service codes against.
+"""Records, the search filter and the storage interface the rest of the service codes against.
 
-The interface is deliberately small (LMCache-style): put a batch, get one, get many memories in
-one round trip, delete, list/count, iterate for index rebuild, ping. A missing document is a
-documented miss (`None` from `get`/`get_memories`, `False` from `delete`), never a crash; every
-storage fault is a `StorageUnavailableError` (503), every bad input an `InvalidInputError` (422).
+The interface is small (LMCache-style): put a batch, get one, get many memories in one round
+trip, delete, list/count, bank statistics, and what keeping an index in step needs (scan, change
+listeners, the event stream). A missing document is a documented miss (`None` from
+`get`/`get_memories`, `False` from `delete`), never a crash; every storage fault is a
+`StorageUnavailableError` (503), every bad input an `InvalidInputError` (422).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 import numpy as np
 import torch
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, StorageUnavailableError
 
 PutStatus = Literal["new", "unchanged", "replaced"]
 MAX_ID_BYTES = 512
@@ -116,7 +118,7 @@ class StoredMemory:
 
     doc_id: str
     memory: torch.Tensor  # (k, d_m) fp16 (or bf16 if written as bf16)
-    key: torch.Tensor  # (d_m,) fp32
+    key: torch.Tensor  # (d_m,) fp32 (stored as fp16 or fp32: see codec.py)
     compressor_version: str
 
 
@@ -149,10 +151,66 @@ class IndexEntry:
     received_at: datetime
 
 
+class SearchFilters(BaseModel):
+    """Which documents a search may return: the `filters` of POST /ask, passed as is to the index.
+
+    Every field left None restricts nothing. `published_from <= published_at < published_to`;
+    with either bound set, documents without `published_at` are excluded.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: tuple[str, ...] | None = Field(None, min_length=1, description="Only documents from these sources")
+    published_from: AwareDatetime | None = None
+    published_to: AwareDatetime | None = None
+
+
+@dataclass(frozen=True)
+class BankStats:
+    """Size of a bank as `MemoryStore.bank_stats` reads it (the `cmt_bank_*` gauges)."""
+
+    documents: int
+    memories_by_version: dict[str, int]
+    memory_bytes: int
+    text_bytes: int
+    text_sampled: int  # documents whose text length was read (== documents: exact)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of a bank's event stream: a document was written or deleted (by any replica)."""
+
+    entry_id: str
+    op: str  # "put" | "delete"
+    doc_id: str
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a bank's event stream stands: its newest entry, and how many entries were ever added
+    (`entries_added - length` were trimmed: a follower behind that many missed events)."""
+
+    last_id: str
+    entries_added: int
+    length: int
+
+
+# A listener gets (entries written, ids deleted) after each successful write through this store.
+ChangeListener = Callable[[list[IndexEntry], list[str]], None]
+# Told (operation, seconds, the failure or None) after every store operation: how metrics time
+# Redis without reaching into the store.
+OperationObserver = Callable[[str, float, StorageUnavailableError | None], None]
+BLOCKING_OPS = frozenset({"read_events"})
+"""Operations that wait by design (the follower's blocking read): their seconds include the wait."""
+
+
 @runtime_checkable
 class MemoryStore(Protocol):
     """The storage interface. Implementations: `RedisMemoryStore`."""
 
+    bank: str  # name of the bank (namespace) inside the backend
+
+    # -- documents and memories ------------------------------------------------------------------
     def put_many(
         self, items: Sequence[MemoryWrite | tuple[DocumentInput, torch.Tensor, torch.Tensor]], compressor_version: str
     ) -> list[PutResult]:
@@ -164,9 +222,19 @@ class MemoryStore(Protocol):
         ...
 
     def get_memories(
-        self, ids: Sequence[str], *, compressor_version: str | None = None
+        self, ids: Sequence[str], *, compressor_version: str | None = None, stale: Literal["miss", "raise"] = "miss"
     ) -> list[StoredMemory | None]:
         """Memories in the order of `ids`, one round trip; None for a miss (or a stale version)."""
+        ...
+
+    def get_docs_meta(self, ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
+        """Selected stored fields (hash, cv, version, title, text...) of several documents, one round trip."""
+        ...
+
+    def update_memories(
+        self, items: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]], compressor_version: str
+    ) -> list[str]:
+        """Replace memories of (id, expected content hash, memory, key): "updated", "gone" or "changed"."""
         ...
 
     def delete(self, doc_id: str) -> bool:
@@ -179,26 +247,74 @@ class MemoryStore(Protocol):
 
     def count(self) -> int: ...
 
+    # -- statistics ------------------------------------------------------------------------------
+    def version_counts(self) -> dict[str, int]:
+        """Documents per compressor version."""
+        ...
+
+    def stale_count(self, compressor_version: str) -> int:
+        """Documents whose memory was made by another compressor version."""
+        ...
+
+    def bank_stats(self, memory_size: Callable[[str], int], sample: int = 256) -> BankStats:
+        """Documents, memories per version, memory bytes (count × `memory_size(version)`), text bytes."""
+        ...
+
+    # -- keeping an index in step ----------------------------------------------------------------
+    def iter_ids(self, batch_size: int = 1000) -> Iterator[list[str]]:
+        """Every stored id, in batches."""
+        ...
+
     def iter_index_entries(self, batch_size: int = 1000) -> Iterator[list[IndexEntry]]:
         """Every stored document's index entry, in batches (index rebuild)."""
         ...
 
+    def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]:
+        """Current index entry of each id (None if not stored)."""
+        ...
+
+    def add_listener(self, fn: ChangeListener) -> None:
+        """Call `fn` after every write through this store object."""
+        ...
+
+    def remove_listener(self, fn: ChangeListener) -> None: ...
+
+    def stream_position(self) -> StreamPosition | None:
+        """Where the bank's event stream stands (None before its first event)."""
+        ...
+
+    def read_events(self, after_id: str, *, count: int = 1000, block_ms: int | None = None) -> list[StreamEvent]:
+        """Events newer than `after_id` (blocks up to `block_ms` if given and none yet)."""
+        ...
+
+    # -- lifecycle -------------------------------------------------------------------------------
     def ping(self) -> bool:
         """True if the backend answers; raises StorageUnavailableError otherwise."""
         ...
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
 
 __all__ = [
+    "BLOCKING_OPS",
+    "BankStats",
+    "ChangeListener",
     "DocumentInput",
     "DocumentRecord",
     "IndexEntry",
     "MemoryStore",
     "MemoryWrite",
+    "OperationObserver",
     "PutResult",
     "PutStatus",
+    "SearchFilters",
     "StoredMemory",
+    "StreamEvent",
+    "StreamPosition",
     "content_hash",
     "ensure_utc",
     "from_us",

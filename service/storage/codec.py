@@ -11,17 +11,19 @@ Layout (all integers little-endian)::
     0      4     magic b"CMTM"
     4      1     format version (1)
     5      1     memory dtype code (1 = fp16, 2 = bf16)
-    6      1     key dtype code (3 = fp32; the key is always stored as fp32)
+    6      1     key dtype code (3 = fp32, 4 = fp16)
     7      1     length L of the compressor version (UTF-8, 1..255 bytes)
     8      4     k (uint32)
     12     4     d_m (uint32)
     16     L     compressor version
-    16+L   4·d_m retrieval key, fp32                       # (d_m,)
+    16+L   w·d_m retrieval key, fp16 (w=2) or fp32 (w=4)    # (d_m,)
     ...    2·k·d_m memory, fp16 or bf16, row-major         # (k, d_m)
 
-The retrieval key is stored in fp32: it is 1/8 of the memory's size at k=16, it keeps a caller's
-fp32 key bit-exact, and cosine ranking of near-ties is not degraded by a second rounding.
-The memory is stored in the dtype it came in (fp16 or bf16), so the round trip is bit-exact.
+Both parts are stored in the dtype they come in, so the round trip is bit-exact: an fp16 key in
+2 bytes per value (what the service's Θ hands over: `Engine.compress` casts memory and key to
+fp16), any other floating key in fp32 (4 bytes: keeps a caller's fp32 key exact); the memory in
+fp16 or bf16 (`to_storable_memory` casts a wider one to fp16). Keys always decode to fp32.
+`encoded_size` is the one formula for a value's size; it picks the key width as `encode` does.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ _KEY_FP16 = 4
 # key dtype code → (numpy dtype, bytes per value). An fp16 key saves 2·d_m bytes per document
 # (768 B at d_m=384, a 5% of the value) and is plenty for cosine top-k; an fp32 key is kept as is.
 _KEY_FORMATS: dict[int, tuple[str, int]] = {_KEY_FP32: ("<f4", 4), _KEY_FP16: ("<f2", 2)}
+
+
+def _key_code(dtype: torch.dtype) -> int:
+    """How a key of `dtype` is stored: fp16 as is, every other floating dtype as fp32."""
+    return _KEY_FP16 if dtype == torch.float16 else _KEY_FP32
 
 
 class CorruptMemoryError(StorageUnavailableError):
@@ -109,7 +116,7 @@ def encode(memory: torch.Tensor, key: torch.Tensor, compressor_version: str) -> 
     """Encode memory (k, d_m) fp16/bf16 and key (d_m,) float into one value."""
     version = _check_version(compressor_version)
     k, d_m = validate_memory(memory, key)
-    key_code = _KEY_FP16 if key.dtype == torch.float16 else _KEY_FP32
+    key_code = _key_code(key.dtype)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, _MEM_CODES[memory.dtype], key_code, len(version), k, d_m)
     np_dtype = _KEY_FORMATS[key_code][0]
     key_bytes = key.detach().to("cpu", torch.float32).contiguous().numpy().astype(np_dtype).tobytes()  # (d_m,)
@@ -179,9 +186,18 @@ def theoretical_bytes(k: int, d_m: int) -> int:
     return k * d_m * 2
 
 
-def encoded_size(k: int, d_m: int, compressor_version: str, key_bytes: int = 4) -> int:
-    """Exact size of encode()'s output (key_bytes: 4 for an fp32 key, 2 for fp16)."""
-    return HEADER_SIZE + len(compressor_version.encode("utf-8")) + key_bytes * d_m + 2 * k * d_m
+def encoded_size(
+    k: int, d_m: int, compressor_version: str, *, key_dtype: torch.dtype, memory_dtype: torch.dtype = torch.float16
+) -> int:
+    """Exact size of encode()'s output for a (k, d_m) memory and a (d_m,) key of these dtypes.
+
+    `memory_dtype` is the dtype handed to encode (fp16 or bf16: 2 bytes a value); `key_dtype`
+    decides the key's width exactly as encode does (fp16: 2 bytes, any other: 4).
+    """
+    if memory_dtype not in _MEM_CODES:
+        raise InvalidInputError(f"memory dtype must be float16 or bfloat16; got {memory_dtype}")
+    key_width = _KEY_FORMATS[_key_code(key_dtype)][1]
+    return HEADER_SIZE + len(compressor_version.encode("utf-8")) + key_width * d_m + 2 * k * d_m
 
 
 def to_storable_memory(memory: torch.Tensor) -> torch.Tensor:

@@ -1,35 +1,38 @@
-"""One entry point from configuration to a ready store: a URL, or the embedded server."""
+"""`open_bank(settings)`: the one way from settings to a ready memory bank (service, `cmt-reindex`).
+
+With `settings.redis_url` the bank lives on that Redis. Without one, it lives on the embedded
+redis-server whose folder is `settings.data_dir` itself (AOF, `server.json`, log): the server is
+started there, or reused when another process already serves that folder, and a server started
+here is stopped when the store is closed.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+import logging
 
-from service.storage.connection import ConnectionSettings
+from service.settings import Settings
+from service.storage.base import MemoryStore, OperationObserver
 from service.storage.embedded import EmbeddedRedis
 from service.storage.redis_store import RedisMemoryStore
 
-
-@dataclass(frozen=True)
-class StorageConfig:
-    url: str | None = None  # None: start/reuse the embedded redis-server in data_dir
-    bank: str = "default"
-    data_dir: str | Path = "./data"
-    appendfsync: str = "always"  # embedded server only; see embedded.py for why
-    stream_maxlen: int = 100_000
-    max_batch: int = 256
-    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+log = logging.getLogger(__name__)
 
 
-def open_store(config: StorageConfig) -> RedisMemoryStore:
-    """A store on `config.url`, or on an embedded server (stopped when the store is closed)."""
-    if config.url:
-        return RedisMemoryStore(config.url, bank=config.bank, stream_maxlen=config.stream_maxlen,
-                                max_batch=config.max_batch, settings=config.connection)
-    server = EmbeddedRedis(Path(config.data_dir) / "redis", appendfsync=config.appendfsync).start()
+def open_bank(settings: Settings, *, on_operation: OperationObserver | None = None) -> MemoryStore:
+    """The bank `settings.bank` on `settings.redis_url`, or on the embedded server in `settings.data_dir`.
+
+    `on_operation` is told every store operation (metrics). Blocking (starts a server): call it
+    off the event loop.
+    """
+    if settings.redis_url:
+        return RedisMemoryStore(settings.redis_url, bank=settings.bank, on_operation=on_operation)
+    server = EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start()
+    log.info("embedded redis at %s (AOF in %s)", server.url, server.data_dir)
     try:
-        return RedisMemoryStore(server.url, bank=config.bank, stream_maxlen=config.stream_maxlen,
-                                max_batch=config.max_batch, settings=config.connection, on_close=server.stop)
+        return RedisMemoryStore(server.url, bank=settings.bank, on_operation=on_operation, on_close=server.stop)
     except BaseException:
         server.stop()
         raise
+
+
+__all__ = ["open_bank"]

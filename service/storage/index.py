@@ -8,21 +8,22 @@ among matching documents. When the filter keeps few rows (< `exact_fraction` of 
 graph search would wander through non-matching nodes, so the matching rows are scored exactly
 instead (cheap precisely because they are few). Once tombstones exceed `compact_fraction`, a
 maintenance job rebuilds a compact state (and its HNSW) off the lock from a snapshot, replays the
-writes made meanwhile, then swaps it in: searches never wait for a rebuild.
+writes made meanwhile, then swaps it in: searches never wait for a rebuild. `rebuild(batches)`
+replaces every entry the same way (an index rebuilt from the store by `SyncedIndex`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from service.errors import InvalidInputError
-from service.storage.base import IndexEntry, ensure_utc, to_us
+from service.storage.base import IndexEntry, SearchFilters, to_us
 from service.storage.index_state import IndexState, SearchHit
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,19 @@ log = logging.getLogger(__name__)
 def order_chronologically(hits: Iterable[SearchHit]) -> list[SearchHit]:
     """Oldest to newest (published_at, else received_at): the order the aggregator reads memories in."""
     return sorted(hits, key=lambda h: (h.published_at or h.received_at, h.received_at, h.id))
+
+
+_NO_FILTERS = SearchFilters()
+
+
+def _filters(filters: SearchFilters | None, fields: dict[str, Any]) -> SearchFilters:
+    if not fields:
+        return _NO_FILTERS if filters is None else filters
+    if filters is not None:
+        raise InvalidInputError("give either filters or its fields as keywords, not both")
+    if isinstance(fields.get("source"), str):
+        fields = {**fields, "source": (fields["source"],)}
+    return SearchFilters(**fields)
 
 
 class VectorIndex:
@@ -58,8 +72,11 @@ class VectorIndex:
         self.auto_maintain = auto_maintain
         self._lock = threading.RLock()
         self._state = IndexState()
+        # Writes made while a new state is built off the lock (maintenance job or rebuild), replayed
+        # onto it before it is swapped in; None when nothing is being built.
         self._oplog: list[tuple[str, list[IndexEntry] | list[str]]] | None = None
         self._job: threading.Thread | None = None
+        self._rebuild_lock = threading.Lock()  # one rebuild() at a time
 
     # -- writes ------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[IndexEntry]) -> None:
@@ -119,31 +136,31 @@ class VectorIndex:
         self,
         query: np.ndarray | torch.Tensor,  # (d,)
         k: int,
+        filters: SearchFilters | None = None,
         *,
         compressor_version: str | None = None,
-        source: str | Collection[str] | None = None,
-        published_from: datetime | None = None,
-        published_to: datetime | None = None,
         approximate: bool | None = None,
+        **filter_fields: Any,
     ) -> list[SearchHit]:
         """Top-k documents by cosine similarity, best first, among those matching every filter.
 
+        `filters`: see `SearchFilters`. Its fields may be given as keywords instead, a single
+        source as a string (`source="wire"`): shorthand for scripts (bench/bench_storage.py).
         `compressor_version`: only memories made by that compressor (never mix versions).
-        `source`: one source or a collection of them. `published_from <= published_at <
-        published_to` (documents without published_at are excluded when a bound is given).
         `approximate`: None = automatic (HNSW when built), False = force exact.
         """
+        f = _filters(filters, filter_fields)
         if k <= 0:
             return []
         q = self._query(query)  # (d,)
-        pf, pt = ensure_utc(published_from, "published_from"), ensure_utc(published_to, "published_to")
+        pf, pt = f.published_from, f.published_to
         with self._lock:
             st = self._state
             if st.n_alive == 0:
                 return []
             if q.shape[0] != st.d:
                 raise InvalidInputError(f"query has dimension {q.shape[0]}; the index holds d_m={st.d}")
-            mask = st.mask(compressor_version, source, None if pf is None else to_us(pf),
+            mask = st.mask(compressor_version, f.source, None if pf is None else to_us(pf),
                            None if pt is None else to_us(pt))  # (n,) bool or None (= every live row)
             m = st.n_alive if mask is None else int(np.count_nonzero(mask))
             if m == 0:
@@ -189,8 +206,10 @@ class VectorIndex:
         with self._lock:
             if self._job is not None and self._job.is_alive():
                 job = self._job
+            elif self._oplog is not None:  # a rebuild() is replacing every entry; it maintains when done
+                return
             else:
-                job = threading.Thread(target=self._rebuild, name="cmt-index-maintain", daemon=True)
+                job = threading.Thread(target=self._maintenance_job, name="cmt-index-maintain", daemon=True)
                 self._job = job
                 self._oplog = []
                 snapshot = self._state.snapshot_alive()
@@ -199,26 +218,63 @@ class VectorIndex:
         if wait:
             job.join()
 
-    def _rebuild(self) -> None:
-        job = threading.current_thread()
-        snapshot: IndexState = job._snapshot  # type: ignore[attr-defined]
+    def wait_for_maintenance(self) -> None:
+        """Return once no maintenance job is running (one started earlier swaps its state in first)."""
+        job = self._job
+        if job is not None:
+            job.join()
+
+    def rebuild(self, batches: Iterable[Sequence[IndexEntry]]) -> int:
+        """Replace every entry with those of `batches` (read from the store); returns how many were read.
+
+        Built off the lock like a maintenance job: searches use the current entries until the new
+        ones are swapped in, and writes made to this index meanwhile are replayed onto them first,
+        so a write racing with the rebuild is never lost.
+        """
+        with self._rebuild_lock:
+            while True:  # a running maintenance job would swap its older state in after ours
+                with self._lock:
+                    job = self._job if self._job is not None and self._job.is_alive() else None
+                    if job is None:
+                        self._oplog = []
+                        break
+                job.join()
+            try:
+                fresh, n = IndexState(), 0
+                for entries in batches:
+                    if entries:
+                        fresh.upsert(list(entries))
+                        n += len(entries)
+                self._swap_in(fresh)
+            finally:
+                with self._lock:
+                    self._oplog = None
+        self._maybe_maintain()
+        return n
+
+    def _maintenance_job(self) -> None:
+        snapshot: IndexState = threading.current_thread()._snapshot  # type: ignore[attr-defined]
         try:
-            if snapshot.n_alive >= self.approx_threshold:
-                snapshot.build_hnsw(self.hnsw_m, self.ef_construction)
-            with self._lock:
-                for op, arg in self._oplog or []:
-                    if op == "upsert":
-                        snapshot.upsert(arg)  # type: ignore[arg-type]
-                    elif op == "remove":
-                        snapshot.remove(arg)  # type: ignore[arg-type]
-                    else:
-                        snapshot = IndexState()
-                self._state = snapshot
-                self._oplog = None
+            self._swap_in(snapshot)
         except Exception:  # a failed rebuild must not take the serving state down
             log.exception("index maintenance failed; keeping the current state")
             with self._lock:
                 self._oplog = None
+
+    def _swap_in(self, fresh: IndexState) -> None:
+        """Build HNSW on `fresh` if large enough (off the lock), replay the logged writes, swap it in."""
+        if fresh.n_alive >= self.approx_threshold:
+            fresh.build_hnsw(self.hnsw_m, self.ef_construction)
+        with self._lock:
+            for op, arg in self._oplog or []:
+                if op == "upsert":
+                    fresh.upsert(arg)  # type: ignore[arg-type]
+                elif op == "remove":
+                    fresh.remove(arg)  # type: ignore[arg-type]
+                else:
+                    fresh = IndexState()
+            self._state = fresh
+            self._oplog = None
 
 
 __all__ = ["SearchHit", "VectorIndex", "order_chronologically"]

@@ -16,36 +16,39 @@ Timestamps are integer microseconds since the epoch (UTC).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import torch
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, StorageUnavailableError
 from service.storage import codec, scripts
 from service.storage.base import (
+    ChangeListener,
     DocumentInput,
     DocumentRecord,
     IndexEntry,
     MemoryWrite,
+    OperationObserver,
     PutResult,
     StoredMemory,
+    StreamEvent,
     content_hash,
     from_us,
     to_us,
     validate_id,
 )
 from service.storage.connection import ConnectionSettings, connect, guard, redact
-from service.storage.redis_stream import StreamAndAdminMixin, StreamEvent
+from service.storage.redis_stream import StreamAndAdminMixin
 
 log = logging.getLogger(__name__)
 __all__ = ["ChangeListener", "RedisMemoryStore", "StreamEvent"]
 
 KEY_LAYOUT_VERSION = "v1"
-# A listener gets (entries written, ids deleted) after each successful write through this store.
-ChangeListener = Callable[[list[IndexEntry], list[str]], None]
 _META_FIELDS = (b"cv", b"source", b"published", b"received")
 
 
@@ -58,7 +61,11 @@ def _s(b: bytes | None) -> str | None:
 
 
 class RedisMemoryStore(StreamAndAdminMixin):
-    """`MemoryStore` on Redis. Thread-safe (redis-py pools connections per thread of use)."""
+    """`MemoryStore` on Redis. Thread-safe (redis-py pools connections per thread of use).
+
+    `on_operation` is told the name, duration and failure (or None) of every operation (metrics);
+    `on_close` runs after the connection is closed (e.g. stops an embedded server).
+    """
 
     def __init__(
         self,
@@ -70,6 +77,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         settings: ConnectionSettings | None = None,
         client: Any | None = None,
         on_close: Callable[[], None] | None = None,
+        on_operation: OperationObserver | None = None,
     ) -> None:
         if not bank or any(c in bank for c in "{}: \n"):
             raise InvalidInputError(f"bank name {bank!r} must be non-empty without braces, colons or spaces")
@@ -88,6 +96,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         self._listeners: list[ChangeListener] = []
         self._listeners_lock = threading.Lock()
         self._on_close = on_close
+        self._on_operation = on_operation
         self._prefix_guess = codec.HEADER_SIZE + 64 + 4 * 384
 
     # -- keys ------------------------------------------------------------------------------
@@ -97,8 +106,23 @@ class RedisMemoryStore(StreamAndAdminMixin):
     def mem_key(self, doc_id: str) -> str:
         return self._prefix + "mem:" + doc_id
 
-    def _guard(self, op: str) -> Any:
-        return guard(op, self.url)
+    @contextlib.contextmanager
+    def _guard(self, op: str) -> Iterator[None]:
+        """Every operation runs inside this: Redis failures become StorageUnavailableError, and the
+        operation is reported to `on_operation`."""
+        if self._on_operation is None:
+            with guard(op, self.url):
+                yield
+            return
+        start, error = time.perf_counter(), None
+        try:
+            with guard(op, self.url):
+                yield
+        except StorageUnavailableError as exc:
+            error = exc
+            raise
+        finally:
+            self._on_operation(op, time.perf_counter() - start, error)
 
     # -- listeners (same-process index sees writes immediately) -----------------------------
     def add_listener(self, fn: ChangeListener) -> None:
@@ -242,7 +266,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         return self._record(h)
 
     def get_memories(
-        self, ids: Sequence[str], *, compressor_version: str | None = None, stale: str = "miss"
+        self, ids: Sequence[str], *, compressor_version: str | None = None, stale: Literal["miss", "raise"] = "miss"
     ) -> list[StoredMemory | None]:
         """Memories in the order of `ids` with one MGET. A missing id gives None.
 
@@ -290,17 +314,6 @@ class RedisMemoryStore(StreamAndAdminMixin):
                 pipe.hgetall(self.doc_key(i.decode()))
             rows = pipe.execute()
         return [r for r in (self._record(h) for h in rows) if r is not None]
-
-    def version_counts(self) -> dict[str, int]:
-        """Number of documents per compressor version (maintained by the write scripts)."""
-        with self._guard("version_counts"):
-            raw = self._r.hgetall(self.cv_key)
-        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
-
-    def stale_count(self, compressor_version: str) -> int:
-        """How many documents have a memory made by another compressor version."""
-        counts = self.version_counts()
-        return sum(v for k, v in counts.items() if k != compressor_version)
 
     def ping(self) -> bool:
         with self._guard("ping"):
@@ -360,22 +373,6 @@ class RedisMemoryStore(StreamAndAdminMixin):
             published_at=None if pub is None else from_us(int(pub)),
             received_at=from_us(int(received)) if received is not None else from_us(0),
         )
-
-    def iter_ids(self, batch_size: int = 1000) -> Iterator[list[str]]:
-        """All stored ids in batches (ZSCAN: every id present for the whole scan is returned)."""
-        cursor = 0
-        while True:
-            with self._guard("scan"):
-                cursor, rows = self._r.zscan(self.ids_key, cursor, count=batch_size)
-            if rows:
-                yield [r[0].decode() for r in rows]
-            if cursor == 0:
-                return
-
-    def iter_index_entries(self, batch_size: int = 1000) -> Iterator[list[IndexEntry]]:
-        for ids in self.iter_ids(batch_size):
-            got = self.fetch_index_entries(ids)
-            yield [e for e in got.values() if e is not None]
 
     def get_docs_meta(self, ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
         """Selected hash fields of several docs, one pipeline (used by reindex)."""

@@ -1,4 +1,4 @@
-"""The bank's event stream (followed by other replicas' indexes) and admin helpers.
+"""Scans and the bank's event stream (what keeps replicas' indexes in step), bank statistics, admin.
 
 A mixin of `RedisMemoryStore`, split out to keep modules small; it uses the store's client
 (`_r`), key names and error guard.
@@ -6,15 +6,10 @@ A mixin of `RedisMemoryStore`, split out to keep modules small; it uses the stor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-
-@dataclass(frozen=True)
-class StreamEvent:
-    entry_id: str
-    op: str  # "put" | "delete"
-    doc_id: str
+from service.storage.base import BankStats, IndexEntry, StreamEvent, StreamPosition
 
 
 class StreamAndAdminMixin:
@@ -28,7 +23,24 @@ class StreamAndAdminMixin:
         def _guard(self, op: str) -> Any: ...
         def doc_key(self, doc_id: str) -> str: ...
         def mem_key(self, doc_id: str) -> str: ...
-        def iter_ids(self, batch_size: int = 1000) -> Any: ...
+        def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]: ...
+
+    # -- scans (index rebuild) ---------------------------------------------------------------------
+    def iter_ids(self, batch_size: int = 1000) -> Iterator[list[str]]:
+        """All stored ids in batches (ZSCAN: every id present for the whole scan is returned)."""
+        cursor = 0
+        while True:
+            with self._guard("scan"):
+                cursor, rows = self._r.zscan(self.ids_key, cursor, count=batch_size)
+            if rows:
+                yield [r[0].decode() for r in rows]
+            if cursor == 0:
+                return
+
+    def iter_index_entries(self, batch_size: int = 1000) -> Iterator[list[IndexEntry]]:
+        for ids in self.iter_ids(batch_size):
+            got = self.fetch_index_entries(ids)
+            yield [e for e in got.values() if e is not None]
 
     # -- event stream ----------------------------------------------------------------------------
     def stream_last_id(self) -> str:
@@ -37,12 +49,12 @@ class StreamAndAdminMixin:
             rows = self._r.xrevrange(self.events_key, count=1)
         return rows[0][0].decode() if rows else "0-0"
 
-    def stream_info(self) -> dict[str, Any] | None:
-        """XINFO STREAM of the event stream (None if it does not exist yet)."""
+    def stream_position(self) -> StreamPosition | None:
+        """XINFO STREAM of the event stream: newest id, entries ever added, length (None if no stream yet)."""
         from redis.exceptions import ResponseError
 
         try:
-            return dict(self._r.xinfo_stream(self.events_key))
+            info = self._r.xinfo_stream(self.events_key)
         except ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return None
@@ -51,6 +63,7 @@ class StreamAndAdminMixin:
         except Exception:
             with self._guard("stream_info"):
                 raise
+        return StreamPosition(info["last-generated-id"].decode(), int(info["entries-added"]), int(info["length"]))
 
     def stream_first_id(self) -> str | None:
         """Id of the oldest event still in the stream (None if empty): detects a trimmed gap."""
@@ -67,6 +80,46 @@ class StreamAndAdminMixin:
             for entry_id, fields in entries:
                 events.append(StreamEvent(entry_id.decode(), fields[b"op"].decode(), fields[b"id"].decode()))
         return events
+
+    # -- statistics ------------------------------------------------------------------------------
+    def version_counts(self) -> dict[str, int]:
+        """Number of documents per compressor version (maintained by the write scripts)."""
+        with self._guard("version_counts"):
+            raw = self._r.hgetall(self.cv_key)
+        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+
+    def stale_count(self, compressor_version: str) -> int:
+        """How many documents have a memory made by another compressor version."""
+        counts = self.version_counts()
+        return sum(v for k, v in counts.items() if k != compressor_version)
+
+    def bank_stats(self, memory_size: Callable[[str], int], sample: int = 256) -> BankStats:
+        """Bank size from Redis in two round trips, whatever the bank's size (no SCAN).
+
+        Documents: ZCARD of the id set. Memories per compressor version: the counts the write
+        scripts maintain. Memory bytes: those counts × `memory_size(version)`, the size of one
+        stored value of that version (every memory of one compressor has the same size). Text
+        bytes: exact (HSTRLEN of every text) up to `sample` documents, beyond that the mean of
+        `sample` random documents (ZRANDMEMBER) × documents.
+        """
+        r = self._r
+        with self._guard("bank_stats"):
+            pipe = r.pipeline(transaction=False)
+            pipe.zcard(self.ids_key)
+            pipe.hgetall(self.cv_key)
+            n, raw = pipe.execute()
+            n = int(n)
+            versions = {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+            ids = r.zrange(self.ids_key, 0, -1) if n <= sample else r.zrandmember(self.ids_key, sample)
+            lengths: list[int] = []
+            if ids:
+                pipe = r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.hstrlen(self.doc_key(i.decode()), "text")
+                lengths = [int(x) for x in pipe.execute()]
+        text = sum(lengths) if n <= sample else round(sum(lengths) / max(len(lengths), 1) * n)
+        mem = sum(c * memory_size(cv) for cv, c in versions.items())
+        return BankStats(n, versions, mem, text, len(lengths))
 
     # -- admin -------------------------------------------------------------------------------------
     def memory_usage(self, doc_id: str) -> tuple[int, int]:

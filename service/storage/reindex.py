@@ -11,16 +11,13 @@ Usage from code::
 
     stats = reindex(store, compress, "ckpt-2024-06-01")
 
-``compress(texts) -> (memories (B, k, d_m), keys (B, d_m))`` is the primary interface; `main`
-wraps it for a console script (``--compressor module:factory``).
+``compress(texts) -> (memories (B, k, d_m), keys (B, d_m))``. The console command is
+`cmt-reindex` (`service.cli.reindex_main`): the configured checkpoint's Θ and its version.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from service.errors import InvalidInputError
-from service.storage.redis_store import RedisMemoryStore
+from service.storage.base import MemoryStore
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ class ReindexStats:
 
 
 def reindex(
-    store: RedisMemoryStore,
+    store: MemoryStore,
     compress: CompressFn,
     compressor_version: str,
     *,
@@ -68,7 +65,7 @@ def reindex(
 
 
 def _reindex_batch(
-    store: RedisMemoryStore,
+    store: MemoryStore,
     compress: CompressFn,
     version: str,
     ids: Sequence[str],
@@ -92,39 +89,3 @@ def _reindex_batch(
     for st in store.update_memories(items, version):
         setattr(stats, st, getattr(stats, st) + 1)
     bar.update(len(todo))
-
-
-def load_compressor(spec: str, checkpoint: str | None) -> CompressFn:
-    """`module:attr`: attr is a compress function, or a factory called with the checkpoint path."""
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise InvalidInputError(f"--compressor must look like package.module:function, got {spec!r}")
-    obj = getattr(importlib.import_module(module_name), attr)
-    return obj(checkpoint) if checkpoint is not None else obj
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from service.storage.factory import StorageConfig, open_store
-
-    p = argparse.ArgumentParser(prog="cmt-reindex", description="Re-compress every stored document.")
-    p.add_argument("--compressor", required=True, help="module:function (compress) or module:factory (with --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="passed to the factory named by --compressor")
-    p.add_argument("--compressor-version", required=True, help="version tag of the new compressor")
-    p.add_argument("--redis-url", default=None, help="Redis URL (default: the embedded server in --data-dir)")
-    p.add_argument("--data-dir", default="./data", help="data folder of the embedded Redis")
-    p.add_argument("--bank", default="default")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    compress = load_compressor(args.compressor, args.checkpoint)
-    with open_store(StorageConfig(url=args.redis_url, data_dir=args.data_dir, bank=args.bank)) as store:
-        stats = reindex(store, compress, args.compressor_version, batch_size=args.batch_size,
-                        progress=not args.no_progress)
-        left = store.stale_count(args.compressor_version)
-    print(f"reindex done: {stats}; stale documents left: {left}")
-    return 0 if left == 0 else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

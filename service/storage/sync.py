@@ -18,24 +18,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Collection
-from datetime import datetime
 from typing import Self
 
 import numpy as np
 import torch
 
 from service.errors import StorageUnavailableError
-from service.storage.base import IndexEntry
+from service.storage.base import IndexEntry, MemoryStore, SearchFilters, StreamEvent
 from service.storage.index import SearchHit, VectorIndex
-from service.storage.redis_store import RedisMemoryStore
-from service.storage.redis_stream import StreamEvent
 
 log = logging.getLogger(__name__)
 
 
 class SyncedIndex:
-    """A `VectorIndex` fed from a `RedisMemoryStore`: rebuilt at start, then following the stream.
+    """A `VectorIndex` fed from a `MemoryStore`: rebuilt at start, then following the stream.
 
     >>> with SyncedIndex(store).start() as idx:         # doctest: +SKIP
     ...     hits = idx.search(q, 8, compressor_version="v3")
@@ -43,7 +39,7 @@ class SyncedIndex:
 
     def __init__(
         self,
-        store: RedisMemoryStore,
+        store: MemoryStore,
         index: VectorIndex | None = None,
         *,
         block_ms: int = 200,
@@ -58,7 +54,6 @@ class SyncedIndex:
         self.last_id = "0-0"
         self._seq = 0  # stream entries consumed up to last_id (XINFO entries-added numbering)
         self._lock = threading.RLock()  # one reader of the stream at a time
-        self._pending: list[tuple[list[IndexEntry], list[str]]] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_gap_check = 0.0
@@ -77,51 +72,25 @@ class SyncedIndex:
         return self
 
     def _stream_position(self) -> tuple[str, int]:
-        info = self.store.stream_info()
-        if info is None:
-            return "0-0", 0
-        return info["last-generated-id"].decode(), int(info["entries-added"])
+        pos = self.store.stream_position()
+        return ("0-0", 0) if pos is None else (pos.last_id, pos.entries_added)
 
     def rebuild(self) -> int:
         """Reload every entry from Redis (position read before the scan). Returns the count.
 
-        Searches keep using the old state until the new one is swapped in; local writes made
-        during the scan are replayed onto the new state, remote ones arrive as stream events.
+        Searches keep using the old entries until the new ones are swapped in; local writes made
+        during the scan are replayed onto them (`VectorIndex.rebuild`), remote ones arrive as
+        stream events after the position read first.
         """
         with self._lock:
             last_id, seq = self._stream_position()
-            src = self.index
-            fresh = VectorIndex(
-                approx_threshold=src.approx_threshold, hnsw_m=src.hnsw_m, ef_construction=src.ef_construction,
-                ef_search=src.ef_search, exact_fraction=src.exact_fraction, auto_maintain=False,
-            )
-            self._pending = []
-            try:
-                n = 0
-                for entries in self.store.iter_index_entries(self.batch_size):
-                    fresh.upsert(entries)
-                    n += len(entries)
-                if fresh.needs_maintenance():
-                    fresh.maintain(wait=True)
-                if src._job is not None:
-                    src._job.join()  # a running maintenance job would swap its own state in later
-                with src._lock:
-                    for puts, deletes in self._pending:
-                        if puts:
-                            fresh._state.upsert(puts)
-                        fresh._state.remove(deletes)
-                    src._state = fresh._state
-            finally:
-                self._pending = None
+            n = self.index.rebuild(self.store.iter_index_entries(self.batch_size))
             self.last_id, self._seq = last_id, seq
             self.rebuilds += 1
             return n
 
     # -- following --------------------------------------------------------------------------------
     def _on_local_write(self, puts: list[IndexEntry], deletes: list[str]) -> None:
-        with self.index._lock:
-            if self._pending is not None:
-                self._pending.append((puts, deletes))
         self.index.upsert(puts)
         self.index.remove(deletes)
 
@@ -141,11 +110,8 @@ class SyncedIndex:
             return len(events)
 
     def _gap(self) -> bool:
-        info = self.store.stream_info()
-        if info is None:
-            return False
-        trimmed = int(info["entries-added"]) - int(info["length"])
-        return trimmed > self._seq
+        pos = self.store.stream_position()
+        return pos is not None and pos.entries_added - pos.length > self._seq
 
     def _apply(self, events: list[StreamEvent]) -> None:
         ids = list(dict.fromkeys(e.doc_id for e in events))
@@ -177,20 +143,19 @@ class SyncedIndex:
         self,
         query: np.ndarray | torch.Tensor,  # (d,)
         k: int,
+        filters: SearchFilters | None = None,
         *,
         compressor_version: str | None = None,
-        source: str | Collection[str] | None = None,
-        published_from: datetime | None = None,
-        published_to: datetime | None = None,
         approximate: bool | None = None,
     ) -> list[SearchHit]:
-        return self.index.search(
-            query, k, compressor_version=compressor_version, source=source,
-            published_from=published_from, published_to=published_to, approximate=approximate,
-        )
+        return self.index.search(query, k, filters, compressor_version=compressor_version, approximate=approximate)
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def is_approximate(self) -> bool:
+        return self.index.is_approximate
 
     def stale_count(self, compressor_version: str) -> int:
         return self.index.stale_count(compressor_version)

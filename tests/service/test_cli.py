@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import tomllib
+from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import service.storage.reindex
 from service.app import create_app
 from service.cli import reindex_main
 from service.models.checkpoint import save_checkpoint
@@ -41,7 +45,7 @@ def test_reindex_moves_every_memory_to_the_new_checkpoint_and_questions_see_them
             assert client.post("/ask", json={"question": "How many trains?"}).json()["sources"] == []
 
         argv = ["--llm", str(llm_dir), "--checkpoint", str(tmp_path / "new"), "--redis-url", REDIS_URL,
-                "--bank", old.bank, "--no-progress"]
+                "--bank", old.bank, "--batch-size", "2", "--no-progress"]
         assert reindex_main(argv) == 0
         assert store.stale_count(new_version) == 0
         assert {m.compressor_version for m in store.get_memories([f"d{i}" for i in range(5)])} == {new_version}
@@ -51,3 +55,15 @@ def test_reindex_moves_every_memory_to_the_new_checkpoint_and_questions_see_them
             assert len(sources) == 3
     finally:
         store.drop_bank()
+
+
+def test_cmt_reindex_is_one_command_with_the_flags_of_both_former_ones(capsys):
+    with pytest.raises(SystemExit) as exited:
+        reindex_main(["--help"])
+    assert exited.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--llm", "--checkpoint", "--redis-url", "--data-dir", "--bank", "--batch-size", "--no-progress"):
+        assert flag in help_text, flag
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["cmt-reindex"] == "service.cli:reindex_main"
+    assert not hasattr(service.storage.reindex, "main")  # the second, differently flagged command is gone

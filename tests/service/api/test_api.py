@@ -4,8 +4,11 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from service.api.schemas import AskIn
 from service.app import create_app
+from service.storage.base import SearchFilters
 from service.storage.redis_store import RedisMemoryStore
 from tests.service.api.conftest import REDIS_URL, make_settings
 
@@ -63,6 +66,14 @@ def test_filters_restrict_sources(client):
     assert [s["id"] for s in r.json()["sources"]] == ["snow"]
     r = client.post("/ask", json={"question": "weather?", "filters": {"published_to": "2024-02-02T00:00:00Z"}})
     assert [s["id"] for s in r.json()["sources"]] == ["rain"]
+
+
+def test_request_filters_parse_into_the_one_filter_type_the_index_takes():
+    body = AskIn.model_validate({"question": "q", "filters": {"source": ["wire"], "published_from": "2024-02-01T00:00:00Z"}})
+    assert isinstance(body.filters, SearchFilters) and body.filters.source == ("wire",)
+    for bad in ({"source": []}, {"published_from": "2024-02-01T00:00:00"}, {"sources": ["wire"]}):  # naive time, typo
+        with pytest.raises(ValidationError):
+            AskIn.model_validate({"question": "q", "filters": bad})
 
 
 def test_empty_bank_answers_without_sources(client):
@@ -175,8 +186,6 @@ def test_health_ready_metrics_and_openapi(client):
 def test_ask_defaults_to_the_alpha_the_checkpoint_was_trained_with(model_dirs, tmp_path):
     import shutil
 
-    from service.runtime.ask import AskFilters
-
     ckpt = tmp_path / "ckpt"
     shutil.copytree(model_dirs[1], ckpt)
     config = json.loads((ckpt / "config.json").read_text())
@@ -186,8 +195,8 @@ def test_ask_defaults_to_the_alpha_the_checkpoint_was_trained_with(model_dirs, t
     try:
         with TestClient(create_app(settings)) as client:
             ask = client.app.state.cmt.ask
-            assert ask.item("q", None, None, None, AskFilters()).generation.alpha == 0.7
-            assert ask.item("q", None, None, 0.0, AskFilters()).generation.alpha == 0.0
+            assert ask.item("q", None, None, None, SearchFilters()).generation.alpha == 0.7
+            assert ask.item("q", None, None, 0.0, SearchFilters()).generation.alpha == 0.0
             assert client.post("/ask", json={"question": "Any news?"}).status_code == 200
     finally:
         RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()

@@ -12,7 +12,7 @@ def test_round_trip_is_bit_exact_fp16_and_bf16() -> None:
         memory = torch.randn(16, 384).to(dtype)  # (16, 384)
         key = torch.randn(384)  # (384,)
         value = codec.encode(memory, key, "ckpt-ü")
-        assert len(value) == codec.encoded_size(16, 384, "ckpt-ü")
+        assert len(value) == codec.encoded_size(16, 384, "ckpt-ü", key_dtype=key.dtype, memory_dtype=dtype)
         m2, k2, cv = codec.decode(value)
         assert cv == "ckpt-ü" and m2.dtype == dtype and k2.dtype == torch.float32
         assert torch.equal(m2.view(torch.uint8), memory.view(torch.uint8))  # bit-exact, NaN-safe compare
@@ -22,11 +22,23 @@ def test_round_trip_is_bit_exact_fp16_and_bf16() -> None:
 def test_fp16_key_is_stored_in_two_bytes_per_value_and_decodes_exactly() -> None:
     memory, key = torch.randn(16, 384).half(), torch.nn.functional.normalize(torch.randn(384), dim=0).half()
     value = codec.encode(memory, key, "v1")
-    assert len(value) == codec.encoded_size(16, 384, "v1", key_bytes=2) == codec.encoded_size(16, 384, "v1") - 2 * 384
+    fp16, fp32 = (codec.encoded_size(16, 384, "v1", key_dtype=d) for d in (torch.float16, torch.float32))
+    assert len(value) == fp16 == fp32 - 2 * 384
     m2, k2, _ = codec.decode(value)
     assert torch.equal(m2, memory) and torch.equal(k2, key.float())
     prefix = codec.decode_prefix(value[: codec.prefix_length(value[: codec.HEADER_SIZE])])
     assert torch.equal(torch.from_numpy(prefix.key), key.float())
+
+
+def test_encoded_size_is_the_length_encode_writes_for_every_key_dtype() -> None:
+    # The bank-bytes gauge and POST /documents' memory_bytes come from encoded_size: it must pick
+    # the key width exactly as encode does (fp16 as is, bf16/fp32/fp64 as fp32).
+    memory = torch.randn(4, 8).half()  # (4, 8)
+    for key_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        key = torch.randn(8).to(key_dtype)  # (8,)
+        assert len(codec.encode(memory, key, "cv-1")) == codec.encoded_size(4, 8, "cv-1", key_dtype=key_dtype)
+    with pytest.raises(InvalidInputError):
+        codec.encoded_size(4, 8, "cv-1", key_dtype=torch.float16, memory_dtype=torch.float32)
 
 
 def test_prefix_decodes_key_without_memory() -> None:

@@ -7,15 +7,18 @@ import pytest
 import redis
 
 from service.errors import StorageUnavailableError
+from service.settings import Settings
 from service.storage.embedded import EmbeddedRedis
-from service.storage.factory import StorageConfig, open_store
+from service.storage.factory import open_bank
+from service.storage.redis_store import RedisMemoryStore
 
 from .helpers import doc, memory_for
 
 
 def test_embedded_server_persists_and_is_reused(tmp_path: Path) -> None:
-    cfg = StorageConfig(url=None, data_dir=tmp_path, bank="emb")
-    store = open_store(cfg)
+    settings = Settings(redis_url=None, data_dir=tmp_path / "redis", bank="emb")
+    store = open_bank(settings)
+    assert isinstance(store, RedisMemoryStore)
     r = redis.Redis.from_url(store.url)
     assert r.config_get("appendonly")["appendonly"] == "yes"
     assert r.config_get("appendfsync")["appendfsync"] == "always"
@@ -30,7 +33,7 @@ def test_embedded_server_persists_and_is_reused(tmp_path: Path) -> None:
     store.close()  # the owner stops it (SHUTDOWN, AOF fsynced)
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(store.url, socket_connect_timeout=0.5).ping()
-    with open_store(cfg) as again:  # restarted from the AOF
+    with open_bank(settings) as again:  # restarted from the AOF
         rec = again.get("doc-1")
         assert rec is not None and rec.text == "document number 1"
 

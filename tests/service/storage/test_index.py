@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from pydantic import ValidationError
+
 from service.errors import InvalidInputError
-from service.storage.base import IndexEntry
+from service.storage.base import IndexEntry, SearchFilters
 from service.storage.index import VectorIndex, order_chronologically
 
 from .helpers import T0, clustered_keys, published
@@ -129,10 +131,45 @@ def test_writes_during_maintenance_are_kept(data: tuple[np.ndarray, np.ndarray])
     idx.maintain(wait=False)
     idx.upsert(entries(bank[5000:5100], prefix="late"))
     idx.remove(["d1", "d2"])
-    idx._job.join()  # type: ignore[union-attr]
+    idx.wait_for_maintenance()
     assert idx.is_approximate and len(idx) == 5098
     assert "late3" in idx and "d1" not in idx
     assert idx.search(bank[5003], 1)[0].id == "late3"
+
+
+def test_search_filters_object_and_keyword_shorthand_agree() -> None:
+    keys = clustered_keys(200, d=16, seed=3)
+    idx = VectorIndex()
+    idx.upsert(entries(keys))
+    lo = published(50)
+    by_object = idx.search(keys[0], 20, SearchFilters(source=("src3",), published_from=lo))
+    by_keywords = idx.search(keys[0], 20, source="src3", published_from=lo)
+    assert by_object == by_keywords and by_object
+    assert all(h.source == "src3" and h.published_at >= lo for h in by_object)
+    with pytest.raises(InvalidInputError, match="not both"):
+        idx.search(keys[0], 5, SearchFilters(), source="src3")
+    with pytest.raises(ValidationError):  # a naive bound is ambiguous; an unknown field is a typo
+        idx.search(keys[0], 5, published_from=datetime(2024, 2, 1))
+    with pytest.raises(ValidationError):
+        idx.search(keys[0], 5, sources=["src3"])
+
+
+def test_writes_during_a_rebuild_from_the_store_are_kept() -> None:
+    keys = clustered_keys(300, d=16, seed=4)
+    idx = VectorIndex(approx_threshold=150)
+    idx.upsert(entries(keys[:10], prefix="old"))
+
+    def scan():  # the store's scan, while local writes land in the index
+        yield entries(keys[:100])
+        idx.upsert(entries(keys[200:201], prefix="late"))
+        idx.remove(["d5"])
+        assert "old3" in idx  # searches still see the entries from before the rebuild
+        yield entries(keys[:160])[100:]
+
+    assert idx.rebuild(scan()) == 160
+    assert "late0" in idx and "d5" not in idx and "old3" not in idx
+    assert len(idx) == 160 and idx.is_approximate  # d0..d159 without d5, with late0; HNSW built before the swap
+    assert idx.search(keys[200], 1)[0].id == "late0"
 
 
 def test_order_chronologically() -> None:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import inspect
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+import redis
 import torch
 
-from service.errors import InvalidInputError, StaleMemoryError
+from service.errors import InvalidInputError, StaleMemoryError, StorageUnavailableError
+from service.storage import codec
 from service.storage.base import DocumentInput, MemoryStore, MemoryWrite
 from service.storage.redis_store import RedisMemoryStore
 from service.storage.sync import SyncedIndex
@@ -16,6 +19,58 @@ from .helpers import doc, memory_for, published
 def test_is_a_memory_store(store: RedisMemoryStore) -> None:
     assert isinstance(store, MemoryStore)
     assert store.ping()
+
+
+def test_memory_store_protocol_declares_the_store_methods_as_implemented() -> None:
+    # Callers type MemoryStore: every method they may call must exist with the same parameters.
+    methods = [n for n, v in vars(MemoryStore).items()
+               if callable(v) and (not n.startswith("_") or n in ("__enter__", "__exit__"))]
+    assert {"put_many", "get_memories", "get_docs_meta", "bank_stats", "stream_position", "read_events"} <= set(methods)
+    for name in methods:
+        declared = inspect.signature(getattr(MemoryStore, name)).parameters.values()
+        actual = inspect.signature(getattr(RedisMemoryStore, name)).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in declared] == [(p.name, p.kind, p.default) for p in actual], name
+    assert "bank" in MemoryStore.__annotations__
+
+
+def test_every_operation_is_reported_to_the_observer_with_its_failure(redis_url: str, bank: str) -> None:
+    calls: list[tuple[str, float, StorageUnavailableError | None]] = []
+    store = RedisMemoryStore(redis_url, bank=bank, on_operation=lambda *call: calls.append(call))
+    try:
+        store.put_many([(doc(1), *memory_for(1))], "v1")
+        store.get("doc-1")
+        assert [(op, err) for op, _, err in calls] == [("put_many", None), ("get", None)]
+        assert all(seconds >= 0 for _, seconds, _ in calls)
+    finally:
+        store.drop_bank()
+        store.close()
+    calls.clear()
+    down = RedisMemoryStore("redis://127.0.0.1:1/0", on_operation=lambda *call: calls.append(call))  # nothing on port 1
+    with pytest.raises(StorageUnavailableError):
+        down.ping()
+    down.close()
+    [(op, _, error)] = calls
+    assert op == "ping" and isinstance(error, StorageUnavailableError) and error.details["cause"] == "ConnectionError"
+
+
+def test_bank_stats_are_exact_then_sampled_and_memory_bytes_are_what_redis_stores(
+    redis_url: str, store: RedisMemoryStore
+) -> None:
+    texts = [("x" * (10 + i)) for i in range(60)]
+    # fp32 memory and key: stored as an fp16 memory and an fp32 key
+    store.put_many([MemoryWrite(DocumentInput(id=f"d{i}", text=t), torch.randn(4, 8), torch.randn(8))
+                    for i, t in enumerate(texts)], "cv1")
+    size = lambda cv: codec.encoded_size(4, 8, cv, key_dtype=torch.float32)  # noqa: E731
+    exact = store.bank_stats(size, sample=100)
+    assert (exact.documents, exact.text_bytes, exact.text_sampled) == (60, sum(map(len, texts)), 60)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        stored = sum(r.strlen(store.mem_key(f"d{i}")) for i in range(60))
+    finally:
+        r.close()
+    assert exact.memories_by_version == {"cv1": 60} and exact.memory_bytes == stored
+    est = store.bank_stats(size, sample=20)
+    assert est.text_sampled == 20 and abs(est.text_bytes - exact.text_bytes) < 0.35 * exact.text_bytes
 
 
 def test_round_trip_documents_and_memories_bit_exact(store: RedisMemoryStore) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from service.storage.redis_store import RedisMemoryStore
-from service.storage.reindex import main, reindex
+from service.storage.reindex import reindex
 from service.storage.sync import SyncedIndex
 
 from .helpers import doc, memory_for
@@ -66,11 +66,3 @@ def test_concurrent_edit_wins_over_reindex(store: RedisMemoryStore) -> None:
     assert store.update_memories([("doc-1", h, m, k), ("doc-gone", h, m, k)], "v2") == ["changed", "gone"]
     sm = store.get_memories(["doc-1"])[0]
     assert sm is not None and sm.compressor_version == "v1" and torch.equal(sm.memory, memory_for(7)[0])
-
-
-def test_main_cli(store: RedisMemoryStore, redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    store.put_many([(doc(i), *memory_for(i)) for i in range(5)], "v1")
-    rc = main(["--compressor", "tests.service.storage.test_reindex:compress_v2", "--compressor-version", "v2",
-               "--redis-url", redis_url, "--bank", store.bank, "--no-progress"])
-    assert rc == 0 and "stale documents left: 0" in capsys.readouterr().out
-    assert store.version_counts() == {"v2": 5}
