@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -76,7 +77,26 @@ class Settings(BaseSettings):
 
     # ---- server --------------------------------------------------------------------------------
     host: str = "127.0.0.1"
+    """Bind address. Any other than loopback needs write keys (CMT_API_KEYS) or CMT_ALLOW_OPEN=true."""
     port: int = 8000
+    allow_open: bool = False
+    """Serve writes and deletes without keys on a non-loopback address (a deployment meant to be open,
+    e.g. behind an authenticating proxy); logged as a warning at start-up."""
+
+    @property
+    def is_open(self) -> bool:
+        """Writes need no key while the port is reachable from other machines."""
+        return not self.api_keys and not is_loopback(self.host)
+
+    @model_validator(mode="after")
+    def _refuse_open_by_accident(self) -> "Settings":
+        if self.is_open and not self.allow_open:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and no write keys are set: anyone could add and "
+                "delete documents. Set CMT_API_KEYS (a JSON list), bind CMT_HOST=127.0.0.1, or set CMT_ALLOW_OPEN=true "
+                "if the deployment is meant to be open"
+            )
+        return self
 
     @field_validator("device")
     @classmethod
@@ -84,3 +104,13 @@ class Settings(BaseSettings):
         if not (v == "cpu" or v == "cuda" or v.startswith("cuda:") or v == "mps"):
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {v!r}")
         return v
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (a name other than localhost counts as reachable)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -15,13 +15,13 @@ from typing import Iterator
 import torch
 
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
-from service.models.aggregator import recency_candidates, select_recent
+from service.models.aggregator import newest_first, recency_candidates, select_recent
 from service.models.llm import Generation, GenerationConfig, cut_at_stop
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
 from service.storage.base import MemoryStore, SearchFilters
-from service.storage.index import SearchHit, order_chronologically
+from service.storage.index import SearchHit
 from service.storage.sync import SyncedIndex
 
 
@@ -41,6 +41,12 @@ class AskResult:
     sources: list[SearchHit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+
+
+def hits_newest_first(hits: list[SearchHit]) -> list[SearchHit]:
+    """The hits in the recency order training uses (service.models.aggregator.newest_first)."""
+    times = [(h.published_at or h.received_at).timestamp() for h in hits]
+    return [hits[j] for j in newest_first(times, [h.score for h in hits])]
 
 
 @dataclass
@@ -99,7 +105,7 @@ class AskService:
 
         A document deleted between search and fetch is a miss and simply left out.
         """
-        ordered = [order_chronologically(h)[::-1] for h in hits]  # newest first: recency rank 0
+        ordered = [hits_newest_first(row) for row in hits]  # recency rank 0 = newest
         ids = sorted({h.id for row in ordered for h in row})
         stored = dict(zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version)))
         kept = [[h for h in row if stored.get(h.id) is not None] for row in ordered]

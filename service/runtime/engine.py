@@ -16,7 +16,7 @@ import torch
 from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.cmt import CMTModules
 from service.models.compressor import Compressed
-from service.models.llm import Generation, GenerationConfig, HFCausalLM
+from service.models.llm import Generation, GenerationConfig, HFCausalLM, LLMBackend
 from service.models.prompts import PromptProfile, get_profile
 from service.settings import Settings
 from service.storage import codec
@@ -30,7 +30,8 @@ bytes, and cosine top-k over fp16 keys ranks like fp32."""
 
 @dataclass
 class Engine:
-    llm: HFCausalLM
+    llm: LLMBackend
+    """The frozen LLM behind the serving interface (HFCausalLM today)."""
     modules: CMTModules
     compressor_version: str
     checkpoint_dir: Path
