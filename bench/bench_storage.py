@@ -28,12 +28,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.storage.base import DocumentInput, IndexEntry
+from service.storage.base import DocumentInput, IndexEntry, SearchFilters
 from service.storage.embedded import EmbeddedRedis
 from service.storage.index import VectorIndex
 from service.storage.redis_store import RedisMemoryStore
@@ -88,7 +89,8 @@ def bench_bytes(store: RedisMemoryStore, n: int = 500, n_chars: int = 3000) -> d
         doc_u, mem_u = store.memory_usage(f"doc-{i}")
         mem_b.append(mem_u)
         meta_b.append(doc_u - n_chars)  # the hash minus the text bytes it holds
-    ids_b = int(store._r.memory_usage(store.ids_key, samples=0)) / n
+    with redis.Redis.from_url(store.url) as r:  # the id set's own footprint, read as an operator would
+        ids_b = int(r.memory_usage(store.ids_key, samples=0)) / n
     theo = K * D * 2
     mem_avg, meta_avg = float(np.mean(mem_b)), float(np.mean(meta_b))
     per_doc = mem_avg + meta_avg + ids_b
@@ -153,7 +155,7 @@ def bench_topk(n: int, kind: str, n_queries: int, efs: list[int]) -> dict:
     lat = []
     for q in queries:
         t0 = time.perf_counter()
-        idx.search(q, 10, source="s3", approximate=False)
+        idx.search(q, 10, SearchFilters(source=("s3",)), approximate=False)
         lat.append(time.perf_counter() - t0)
     res.update(exact_filtered10pct_p99_ms=pct(lat, 99))
     idx.approx_threshold = 1
@@ -172,7 +174,7 @@ def bench_topk(n: int, kind: str, n_queries: int, efs: list[int]) -> dict:
         flat = []
         for q in queries:
             t0 = time.perf_counter()
-            idx.search(q, 10, source="s3")
+            idx.search(q, 10, SearchFilters(source=("s3",)))
             flat.append(time.perf_counter() - t0)
         res["approx"].append({"ef_search": ef, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                               "recall_at_10": float(np.mean(rec)), "filtered10pct_p99_ms": pct(flat, 99)})

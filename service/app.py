@@ -19,6 +19,7 @@ from service.metrics import Metrics, ServedModel
 from service.runtime.ask import AskService, make_ask_batcher
 from service.runtime.engine import Engine
 from service.runtime.ingest import IngestService, make_compress_batcher
+from service.runtime.questions import QuestionService
 from service.runtime.state import AppState
 from service.settings import Settings
 from service.storage.factory import open_bank
@@ -34,6 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.is_open:  # allowed only by CMT_ALLOW_OPEN (Settings refuses it otherwise)
+            log.warning("serving on %s without write keys: anyone who reaches the port can add and delete documents",
+                        settings.host)
         # The store reports every Redis operation to the metrics (latency, errors by cause).
         store = await run_in_threadpool(open_bank, settings, on_operation=metrics.on_store_operation)
         try:
@@ -42,12 +46,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             index = await run_in_threadpool(
                 SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
             )
-            ingest = IngestService(engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings)
+            ingest = IngestService(engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings,
+                                   on_documents=metrics.on_documents)
             ask = AskService(engine, store, index, settings)
             ask_batcher = make_ask_batcher(ask, settings, metrics.on_batch("ask"))
+            questions = QuestionService(ask, ask_batcher, store, on_answer=metrics.on_answer,
+                                        on_stream_token=metrics.on_stream_token)
             ingest.batcher.start()
             ask_batcher.start()
-            app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher)
+            app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, questions)
             served = ServedModel(engine.compressor_version, str(engine.checkpoint_dir), engine.llm.identity.name_or_path,
                                  str(engine.modules.device), settings.dtype, engine.load_seconds)
             metrics.bind(served, index=index, queues={"ingest": ingest.batcher, "ask": ask_batcher},

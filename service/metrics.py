@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,7 +65,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Stages range from ~0.1 ms (retrieve over a small bank) to seconds (generate).
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
-# Loopback Redis: GET ≈ 0.1 ms, a 32-memory MGET ≈ 3 ms (DESIGN.md §3).
+# Loopback Redis: GET ≈ 0.1 ms, a 32-memory MGET ≈ 3 ms (docs/DESIGN.md §3).
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -236,6 +236,27 @@ class Metrics:
             self.batch_duration.labels(batcher).observe(seconds)
 
         return record
+
+    def on_answer(self, timings_ms: Mapping[str, float], tokens: int) -> None:
+        """QuestionService's observer of an answered question: its stages and queue, its tokens."""
+        self.tokens_generated.labels("batch").inc(tokens)
+        for stage, ms in timings_ms.items():
+            if stage != "total":
+                self.ask_stage.labels(stage).observe(ms / 1e3)
+
+    def on_stream_token(self, first_after_s: float | None) -> None:
+        """QuestionService's observer of a streamed piece (the first one carries the time to it)."""
+        if first_after_s is not None:
+            self.ask_ttft.observe(first_after_s)
+        self.tokens_generated.labels("stream").inc()
+
+    def on_documents(self, received: int, statuses: Sequence[str] | None) -> None:
+        """IngestService's observer of a POST /documents: its size, and each outcome (None = rejected)."""
+        self.ingest_received.inc(received)
+        if statuses is None:
+            self.documents.labels("rejected").inc(received)
+        for status in statuses or ():
+            self.documents.labels(status).inc()
 
     def on_store_operation(self, op: str, seconds: float, error: StorageUnavailableError | None) -> None:
         """The store's operation observer (`open_bank(settings, on_operation=...)`)."""

@@ -7,7 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
+from service.runtime.ingest import IngestService
+from service.runtime.questions import QuestionService
 from service.runtime.state import AppState
+from service.storage.base import MemoryStore
 
 
 def get_state(request: Request) -> AppState:
@@ -15,6 +18,23 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+
+
+def get_questions(state: State) -> QuestionService:
+    return state.questions
+
+
+def get_ingest(state: State) -> IngestService:
+    return state.ingest
+
+
+def get_store(state: State) -> MemoryStore:
+    return state.store
+
+
+AskDep = Annotated[QuestionService, Depends(get_questions)]
+IngestDep = Annotated[IngestService, Depends(get_ingest)]
+StoreDep = Annotated[MemoryStore, Depends(get_store)]
 
 
 def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:

@@ -6,6 +6,9 @@ was fsynced to the AOF), so a response means durable.
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +38,18 @@ def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> 
     )
 
 
+def _ignore(*_: object) -> None:
+    return None
+
+
 @dataclass
 class IngestService:
     engine: Engine
     store: MemoryStore
     batcher: MicroBatcher[str, Compressed1]
     settings: Settings
+    on_documents: Callable[[int, Sequence[str] | None], None] = _ignore
+    """Called per request with its document count and each document's status (None = rejected)."""
 
     def check_limits(self, docs: list[DocumentInput]) -> list[DocumentInput]:
         if not docs:
@@ -64,6 +73,17 @@ class IngestService:
         return [d.validated() for d in docs]
 
     async def ingest(self, docs: list[DocumentInput]) -> list[PutResult]:
+        """Store the documents (an empty id gets a generated one); a result means durable in Redis."""
+        docs = [d if d.id else dataclasses.replace(d, id=uuid.uuid4().hex) for d in docs]
+        try:
+            results = await self._ingest(docs)
+        except Exception:
+            self.on_documents(len(docs), None)
+            raise
+        self.on_documents(len(docs), [r.status for r in results])
+        return results
+
+    async def _ingest(self, docs: list[DocumentInput]) -> list[PutResult]:
         docs = self.check_limits(docs)
         cv = self.engine.compressor_version
         # Same id + same text + same compressor: nothing to compress and nothing to write.

@@ -4,7 +4,7 @@
     index = SyncedIndex(store).start()          # rebuilt from Redis, follows other replicas
     store.put_many([(DocumentInput("a", "text"), memory, key)], compressor_version="v1")
     hits = index.search(question_key, 8, SearchFilters(source=("wire",)), compressor_version="v1")
-    memories = store.get_memories([h.id for h in order_chronologically(hits)], compressor_version="v1")
+    memories = store.get_memories([h.id for h in hits], compressor_version="v1")  # ψ orders them: newest_first
 """
 
 from service.storage.base import (
@@ -21,7 +21,7 @@ from service.storage.base import (
 from service.storage.codec import CorruptMemoryError
 from service.storage.embedded import EmbeddedRedis
 from service.storage.factory import open_bank
-from service.storage.index import SearchHit, VectorIndex, order_chronologically
+from service.storage.index import SearchHit, VectorIndex
 from service.storage.redis_store import RedisMemoryStore
 from service.storage.reindex import ReindexStats, reindex
 from service.storage.sync import SyncedIndex
@@ -44,6 +44,5 @@ __all__ = [
     "SyncedIndex",
     "VectorIndex",
     "open_bank",
-    "order_chronologically",
     "reindex",
 ]

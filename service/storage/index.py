@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,22 +28,7 @@ from service.storage.index_state import IndexState, SearchHit
 log = logging.getLogger(__name__)
 
 
-def order_chronologically(hits: Iterable[SearchHit]) -> list[SearchHit]:
-    """Oldest to newest (published_at, else received_at): the order the aggregator reads memories in."""
-    return sorted(hits, key=lambda h: (h.published_at or h.received_at, h.received_at, h.id))
-
-
 _NO_FILTERS = SearchFilters()
-
-
-def _filters(filters: SearchFilters | None, fields: dict[str, Any]) -> SearchFilters:
-    if not fields:
-        return _NO_FILTERS if filters is None else filters
-    if filters is not None:
-        raise InvalidInputError("give either filters or its fields as keywords, not both")
-    if isinstance(fields.get("source"), str):
-        fields = {**fields, "source": (fields["source"],)}
-    return SearchFilters(**fields)
 
 
 class VectorIndex:
@@ -140,16 +124,14 @@ class VectorIndex:
         *,
         compressor_version: str | None = None,
         approximate: bool | None = None,
-        **filter_fields: Any,
     ) -> list[SearchHit]:
         """Top-k documents by cosine similarity, best first, among those matching every filter.
 
-        `filters`: see `SearchFilters`. Its fields may be given as keywords instead, a single
-        source as a string (`source="wire"`): shorthand for scripts (bench/bench_storage.py).
+        `filters`: see `SearchFilters` (None = every document).
         `compressor_version`: only memories made by that compressor (never mix versions).
         `approximate`: None = automatic (HNSW when built), False = force exact.
         """
-        f = _filters(filters, filter_fields)
+        f = _NO_FILTERS if filters is None else filters
         if k <= 0:
             return []
         q = self._query(query)  # (d,)
@@ -277,4 +259,4 @@ class VectorIndex:
             self._oplog = None
 
 
-__all__ = ["SearchHit", "VectorIndex", "order_chronologically"]
+__all__ = ["SearchHit", "VectorIndex"]

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from service.errors import InvalidInputError
 from service.storage.base import IndexEntry, SearchFilters
-from service.storage.index import VectorIndex, order_chronologically
+from service.storage.index import VectorIndex
 
 from .helpers import T0, clustered_keys, published
 
@@ -79,23 +79,23 @@ def test_filters_return_topk_among_matches(approx: VectorIndex, data: tuple[np.n
     pub_h = np.array([i % 1000 for i in range(len(bank))])
     lo, hi = datetime(2024, 2, 5, tzinfo=UTC), datetime(2024, 2, 6, tzinfo=UTC)  # hours 96..119
     cases = [
-        ({"source": "src3"}, src == 3),  # 10%: graph search with a selector
-        ({"source": ["src3", "src4", "src5", "src6"]}, np.isin(src, [3, 4, 5, 6])),
-        ({"published_from": lo, "published_to": hi}, (pub_h >= 96) & (pub_h < 120)),  # 2.4%: exact fallback
-        ({"source": "src1", "published_from": lo}, (src == 1) & (pub_h >= 96)),
+        (SearchFilters(source=("src3",)), src == 3),  # 10%: graph search with a selector
+        (SearchFilters(source=("src3", "src4", "src5", "src6")), np.isin(src, [3, 4, 5, 6])),
+        (SearchFilters(published_from=lo, published_to=hi), (pub_h >= 96) & (pub_h < 120)),  # 2.4%: exact fallback
+        (SearchFilters(source=("src1",), published_from=lo), (src == 1) & (pub_h >= 96)),
     ]
-    for kwargs, match in cases:
+    for filters, match in cases:
         rows = np.flatnonzero(match)
         got_all = []
         truth_all = []
         for q in queries[:30]:
-            hits = approx.search(q, 10, **kwargs)
+            hits = approx.search(q, 10, filters)
             assert len(hits) == 10
-            assert all(match[int(h.id[1:])] for h in hits), kwargs
+            assert all(match[int(h.id[1:])] for h in hits), filters
             got_all.append([h.id for h in hits])
             truth_all.append([f"d{rows[j]}" for j in np.argsort(-(bank[rows] @ q))[:10]])
-        assert recall(got_all, truth_all) >= 0.95, kwargs
-    assert approx.search(queries[0], 5, source="nope") == []
+        assert recall(got_all, truth_all) >= 0.95, filters
+    assert approx.search(queries[0], 5, SearchFilters(source=("nope",))) == []
     assert approx.search(queries[0], 5, compressor_version="v9") == []
 
 
@@ -137,21 +137,11 @@ def test_writes_during_maintenance_are_kept(data: tuple[np.ndarray, np.ndarray])
     assert idx.search(bank[5003], 1)[0].id == "late3"
 
 
-def test_search_filters_object_and_keyword_shorthand_agree() -> None:
-    keys = clustered_keys(200, d=16, seed=3)
-    idx = VectorIndex()
-    idx.upsert(entries(keys))
-    lo = published(50)
-    by_object = idx.search(keys[0], 20, SearchFilters(source=("src3",), published_from=lo))
-    by_keywords = idx.search(keys[0], 20, source="src3", published_from=lo)
-    assert by_object == by_keywords and by_object
-    assert all(h.source == "src3" and h.published_at >= lo for h in by_object)
-    with pytest.raises(InvalidInputError, match="not both"):
-        idx.search(keys[0], 5, SearchFilters(), source="src3")
+def test_search_filters_refuse_naive_dates_and_unknown_fields() -> None:
     with pytest.raises(ValidationError):  # a naive bound is ambiguous; an unknown field is a typo
-        idx.search(keys[0], 5, published_from=datetime(2024, 2, 1))
+        SearchFilters(published_from=datetime(2024, 2, 1))
     with pytest.raises(ValidationError):
-        idx.search(keys[0], 5, sources=["src3"])
+        SearchFilters(sources=["src3"])
 
 
 def test_writes_during_a_rebuild_from_the_store_are_kept() -> None:
@@ -170,15 +160,3 @@ def test_writes_during_a_rebuild_from_the_store_are_kept() -> None:
     assert "late0" in idx and "d5" not in idx and "old3" not in idx
     assert len(idx) == 160 and idx.is_approximate  # d0..d159 without d5, with late0; HNSW built before the swap
     assert idx.search(keys[200], 1)[0].id == "late0"
-
-
-def test_order_chronologically() -> None:
-    keys = np.eye(4, dtype=np.float32)
-    idx = VectorIndex()
-    idx.upsert([
-        IndexEntry("new", keys[0], "v1", None, published(10), T0),
-        IndexEntry("old", keys[1], "v1", None, published(1), T0),
-        IndexEntry("nopub", keys[2], "v1", None, None, published(5)),
-    ])
-    hits = idx.search(np.ones(4, np.float32), 3)
-    assert [h.id for h in order_chronologically(hits)] == ["old", "nopub", "new"]
