@@ -38,14 +38,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.is_open:  # allowed only by CMT_ALLOW_OPEN (Settings refuses it otherwise)
             log.warning("serving on %s without write keys: anyone who reaches the port can add and delete documents",
                         settings.host)
+        following: list[SyncedIndex] = []  # the index, once built: it resynchronises after a restart
+
+        def on_server_restart(restarts: int) -> None:
+            metrics.embedded_redis_restarts.inc()
+            for synced in following:
+                synced.rebuild()
+
         # The store reports every Redis operation to the metrics (latency, errors by cause).
-        store = await run_in_threadpool(open_bank, settings, on_operation=metrics.on_store_operation)
+        store = await run_in_threadpool(open_bank, settings, on_operation=metrics.on_store_operation,
+                                        on_server_restart=on_server_restart)
         try:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
             index = await run_in_threadpool(
                 SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
             )
+            following.append(index)
             ingest = IngestService(engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings,
                                    on_documents=metrics.on_documents)
             ask = AskService(engine, store, index, settings)

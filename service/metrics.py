@@ -217,6 +217,9 @@ class Metrics:
         )
         self.redis_errors = Counter("cmt_redis_errors", "Failed memory-bank operations on Redis", ["op", "cause"],
                                     registry=r)
+        self.embedded_redis_restarts = Counter(
+            "cmt_embedded_redis_restarts", "Times the embedded redis-server died and was started again from its AOF",
+            registry=r)
         # ---- process / models ------------------------------------------------------------------
         self.model_load_seconds = Gauge("cmt_model_load_seconds", "Time to load the models at start", registry=r)
         self.checkpoint = Info("cmt_checkpoint", "Checkpoint and LLM being served", registry=r)

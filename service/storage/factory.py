@@ -3,12 +3,14 @@
 With `settings.redis_url` the bank lives on that Redis. Without one, it lives on the embedded
 redis-server whose folder is `settings.data_dir` itself (AOF, `server.json`, log): the server is
 started there, or reused when another process already serves that folder, and a server started
-here is stopped when the store is closed.
+here is stopped when the store is closed, and supervised while it runs: if it dies it is started
+again from its AOF on the same port (`EmbeddedRedis.supervise`), and `on_server_restart` is told.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from service.settings import Settings
 from service.storage.base import MemoryStore, OperationObserver
@@ -18,15 +20,22 @@ from service.storage.redis_store import RedisMemoryStore
 log = logging.getLogger(__name__)
 
 
-def open_bank(settings: Settings, *, on_operation: OperationObserver | None = None) -> MemoryStore:
+def open_bank(
+    settings: Settings, *, on_operation: OperationObserver | None = None,
+    on_server_restart: Callable[[int], None] | None = None,
+) -> MemoryStore:
     """The bank `settings.bank` on `settings.redis_url`, or on the embedded server in `settings.data_dir`.
 
-    `on_operation` is told every store operation (metrics). Blocking (starts a server): call it
-    off the event loop.
+    `on_operation` is told every store operation (metrics); `on_server_restart(restarts)` each time
+    the supervisor started the embedded server again. Blocking (starts a server): call it off the
+    event loop.
     """
     if settings.redis_url:
         return RedisMemoryStore(settings.redis_url, bank=settings.bank, on_operation=on_operation)
     server = EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start()
+    if on_server_restart is not None:
+        server.add_restart_listener(on_server_restart)
+    server.supervise()
     log.info("embedded redis at %s (AOF in %s)", server.url, server.data_dir)
     try:
         return RedisMemoryStore(server.url, bank=settings.bank, on_operation=on_operation, on_close=server.stop)
