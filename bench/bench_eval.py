@@ -37,7 +37,9 @@ from trainer.train import train
 ABLATIONS = {
     "with memory-aware objective (alpha=0.5)": {"objective.alpha": 0.5},
     "without self-matching / key losses": {"objective.self_match_weight": 0.0, "objective.contrastive_weight": 0.0},
-    "without top-k (whole bank, MAC-style)": {"objective.use_top_k": False, "aggregator.max_docs": 64, "distractors": 8},
+    "without top-k (whole bank, MAC-style)": {
+        "objective.use_top_k": False, "aggregator.max_docs": 64, "distractors": 8,
+    },
 }
 
 
@@ -66,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             out = args.cache / f"ablations-v{DEMO_VERSION}" / f"ablation{i}"  # versioned: never mixed with another demo
             if not (out / "train_log.json").is_file():  # written last: a cut-off run resumes from out/last
                 # same epochs as the main run; the wall-time cap only guards against a run that never ends
-                config = override(main_config, {"out": str(out), "max_seconds": 4 * main_config.max_seconds, "resume": True, **change})
+                config = override(
+                    main_config, {"out": str(out), "max_seconds": 4 * main_config.max_seconds, "resume": True, **change}
+                )
                 train(config, llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
             ablations[name] = str(out / "best")
     docs = load_source(args.data, "test", seed=DEMO_STREAM.seed)

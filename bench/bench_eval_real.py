@@ -61,7 +61,9 @@ def ensure_llm(cache: Path) -> tuple[Path, dict]:
     return llm_dir, json.loads(metrics_file.read_text())
 
 
-def ensure_checkpoint(dataset: str, cache: Path, llm: HFCausalLM, llm_dir: Path, max_seconds: float) -> tuple[Path, dict]:
+def ensure_checkpoint(
+    dataset: str, cache: Path, llm: HFCausalLM, llm_dir: Path, max_seconds: float
+) -> tuple[Path, dict]:
     run = cache / f"cmt-{dataset}"
     if not (run / "train_log.json").is_file():
         train(cmt_config(dataset, run, llm_dir, max_seconds), llm=llm, train_docs=load_split(dataset, "train"),
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="squad,archivalqa")
     parser.add_argument("--cache", type=Path, default=Path("~/.cache/cmt-eval-real"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--max-questions", type=int, default=1000, help="questions asked per row, in stream order (0 = all)")
+    parser.add_argument("--max-questions", type=int, default=1000,
+                        help="questions asked per row, in stream order (0 = all)")
     parser.add_argument("--train-seconds", type=float, default=600, help="wall-time cap of each Θ/ψ/π training run")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -92,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         report["data"] = {"source": dataset, "split": "test"}
         report["bench"] = {
             "seconds": time.perf_counter() - t1, "torch_threads": torch.get_num_threads(),
-            "base_llm": {k: llm_metrics[k] for k in ("seconds", "final_loss", "parameters", "train_rc_examples", "steps_done")},
+            "base_llm": {
+                k: llm_metrics[k] for k in ("seconds", "final_loss", "parameters", "train_rc_examples", "steps_done")
+            },
             "base_llm_training_data": [f"{d}/{s}" for d, s in LLM_SPLITS], "cmt_training": train_info,
         }
         name = "archivalqa-proxy" if dataset == "archivalqa" else dataset

@@ -71,17 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, metavar="[DATA=]PATH")
     parser.add_argument("--llm", default="smollm2-135m-instruct", help="the frozen LLM the checkpoint was trained for")
     parser.add_argument("--datasets", default=",".join(RUNS), help=f"comma-separated, of {sorted(RUNS)}")
-    parser.add_argument("--max-questions", type=int, default=None, help="override every dataset's question count (a quick check)")
+    parser.add_argument("--max-questions", type=int, default=None,
+                        help="override every dataset's question count (a quick check)")
     parser.add_argument("--prompt-profile", choices=sorted(PROFILES), default=None,
                         help="profile of the prompt-only rows; default: the checkpoint's")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--timing-questions", type=int, default=64, help="questions every row answers again, timed, uncached")
+    parser.add_argument("--timing-questions", type=int, default=64,
+                        help="questions every row answers again, timed, uncached")
     parser.add_argument("--retention-docs", type=int, default=100)
     parser.add_argument("--robustness-questions", type=int, default=100)
-    parser.add_argument("--rag-k", default="1,3", help="RAG rows: top-k documents in the prompt, comma-separated (\"\" = none)")
+    parser.add_argument("--rag-k", default="1,3",
+                        help="RAG rows: top-k documents in the prompt, comma-separated (\"\" = none)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
-    parser.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
+                        help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -101,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         report = run_evaluation(
             llm, ckpts[data], load_split(data, split), ablations=dict(a.split("=", 1) for a in args.ablation),
-            max_questions=questions if args.max_questions is None else args.max_questions, retention_docs=args.retention_docs,
-            robustness_questions=args.robustness_questions, prompt_profile=args.prompt_profile, cache_dir=args.cache_dir,
-            batch_size=args.batch_size, max_new_tokens=MAX_NEW_TOKENS, timing_questions=args.timing_questions, device=args.device,
+            max_questions=questions if args.max_questions is None else args.max_questions,
+            retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
+            prompt_profile=args.prompt_profile, cache_dir=args.cache_dir, batch_size=args.batch_size,
+            max_new_tokens=MAX_NEW_TOKENS, timing_questions=args.timing_questions, device=args.device,
             rag_k=[int(k) for k in args.rag_k.split(",") if k], rows=[r for r in args.rows.split(",") if r],
             command=command,
         )

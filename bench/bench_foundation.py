@@ -46,16 +46,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lexical-key-weight", type=float, default=0.5, help="β of the key's lexical part (0 = dense key only)")
+    parser.add_argument("--lexical-key-weight", type=float, default=0.5,
+                        help="β of the key's lexical part (0 = dense key only)")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with gzip.open(DATA, "rt") as fh:
-        texts = [json.loads(line)["text"] for _, line in zip(range(400), fh)]
+        texts = [json.loads(line)["text"] for _, line in zip(range(400), fh, strict=False)]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=4096)
     torch.manual_seed(0)
-    llm = HFCausalLM(GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0)).to(device), tokenizer, "gpt2-small-random")
+    llm = HFCausalLM(
+        GPT2LMHeadModel(GPT2Config(bos_token_id=0, eos_token_id=0)).to(device), tokenizer, "gpt2-small-random"
+    )
     config = CMTConfig(compressor=CompressorConfig(lexical_key_weight=args.lexical_key_weight))
     modules = CMTModules.build(config, llm.layout).to(device).eval()
     compressor = modules.compressor
@@ -125,7 +128,8 @@ def main() -> None:
         "prefix_len": modules.config.aligner.prefix_len,
         "new_tokens": 16,
     }
-    result = {"device": str(device), "torch_threads": torch.get_num_threads(), "theta": theta, "answer_overhead": overhead}
+    result = {"device": str(device), "torch_threads": torch.get_num_threads(), "theta": theta,
+              "answer_overhead": overhead}
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results" / f"foundation-{device.type}.json"
     out.write_text(json.dumps(result, indent=2))

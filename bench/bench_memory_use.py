@@ -32,7 +32,9 @@ from trainer.scoring import aggregate
 
 def loss_per_token(llm: HFCausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix, has) -> float:
     logits = llm.forward_logits(ids, mask, prefix, has)  # (B, n, V)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100).item()
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    ).item()
 
 
 @torch.inference_mode()
@@ -64,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs]),
                      "answer_loss": loss_per_token(llm, *answer_rows, prefix, has),
                      "window_loss": loss_per_token(llm, *window_rows, prefix, has)})
-    same = {f"same answers: gold vs {k}": 100.0 * sum(a == b for a, b in zip(answers["gold document"], v)) / n
+    same = {f"same answers: gold vs {k}":
+            100.0 * sum(a == b for a, b in zip(answers["gold document"], v, strict=True)) / n
             for k, v in answers.items() if k != "gold document"}
-    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows, **same}
+    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows,
+              **same}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"memory-use-{args.checkpoint.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

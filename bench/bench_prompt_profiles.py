@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.profiles.split(","):
             profile = PROFILES[name]
             cache = PredictionCache(args.cache_dir, llm, profile, generation_config(profile=profile))
-            for row, docs in (("no memory", [None] * len(exs)), ("gold paragraph in prompt", [e.document for e in exs])):
+            for row, docs in (("no memory", [None] * len(exs)),
+                              ("gold paragraph in prompt", [e.document for e in exs])):
                 if row.startswith("gold") and not profile.shots_in_question_prompt:
                     continue  # its context prompts are those of the profile it is derived from
-                prompts = [prompt_text(llm, profile, e.question, d) for e, d in zip(exs, docs)]
+                prompts = [prompt_text(llm, profile, e.question, d) for e, d in zip(exs, docs, strict=True)]
                 run = run_prompts(llm, prompts, cache, desc=f"{data} {name} {row}", progress=True)
                 scores = aggregate(run.predictions, golds)
                 rows.append({"data": f"{data} {split}", "profile": name, "row": row, "questions": len(exs),
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"prompt-profiles-{Path(args.llm).name}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"# Prompt profiles of {args.llm} on the valid splits", "", f"`{' '.join(['.venv/bin/python bench/bench_prompt_profiles.py', *(argv or sys.argv[1:])])}`", "",
+    lines = [f"# Prompt profiles of {args.llm} on the valid splits", "",
+             f"`{' '.join(['.venv/bin/python bench/bench_prompt_profiles.py', *(argv or sys.argv[1:])])}`", "",
              "| data | profile | row | EM | F1 | containment | answer words |", "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['data']} | {r['profile']} | {r['row']} | {r['em']:.1f} | {r['f1']:.1f} | {r['containment']:.1f} | {r['answer_words']:.1f} |" for r in rows]
+    lines += [f"| {r['data']} | {r['profile']} | {r['row']} | {r['em']:.1f} | {r['f1']:.1f} | {r['containment']:.1f} "
+              f"| {r['answer_words']:.1f} |" for r in rows]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

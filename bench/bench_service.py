@@ -129,8 +129,9 @@ def main() -> None:
     cv = json.loads((ckpt / "config.json").read_text())["compressor_version"]
     preload("bench", args.docs, cv)
     port = 8791
-    env = {**os.environ, "CMT_REDIS_URL": REDIS, "CMT_BANK": "bench", "CMT_LLM": str(llm_dir), "CMT_CHECKPOINT": str(ckpt),
-           "CMT_PORT": str(port), "CMT_ASK_BATCH_SIZE": "32", "CMT_INGEST_BATCH_SIZE": "32"}
+    env = {**os.environ, "CMT_REDIS_URL": REDIS, "CMT_BANK": "bench", "CMT_LLM": str(llm_dir),
+           "CMT_CHECKPOINT": str(ckpt), "CMT_PORT": str(port), "CMT_ASK_BATCH_SIZE": "32",
+           "CMT_INGEST_BATCH_SIZE": "32"}
     server = subprocess.Popen([sys.executable, "-m", "service.cli"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -142,7 +143,11 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.5)
         result: dict = {"docs_in_bank": args.docs, "new_tokens": args.new_tokens, "ask": {}}
-        ask = lambda w, n: ("/ask", {"question": f"What happened to the bridge in report {w}-{n}?", "max_new_tokens": args.new_tokens, "top_k": 4})
+
+        def ask(w: int, n: int) -> tuple[str, dict]:
+            question = f"What happened to the bridge in report {w}-{n}?"
+            return "/ask", {"question": question, "max_new_tokens": args.new_tokens, "top_k": 4}
+
         for c in args.clients:
             lat, bodies, wall = asyncio.run(load(url, c, args.seconds, ask))
             stages = {s: statistics.median(b["timings_ms"][s] for b in bodies) for s in bodies[0]["timings_ms"]}
@@ -150,15 +155,21 @@ def main() -> None:
             result["ask"][c] = {
                 "requests": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
                 "throughput_rps": len(lat) / wall, "stage_p50_ms": stages,
-                "non_generate_share_p50_pct": 100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),
+                "non_generate_share_p50_pct":
+                    100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),
                 "memory_stages_share_p50_pct": 100 * statistics.median(
-                    sum(b["timings_ms"][s] for s in ("encode", "retrieve", "fetch", "aggregate", "align")) / b["timings_ms"]["total"]
+                    sum(b["timings_ms"][s] for s in ("encode", "retrieve", "fetch", "aggregate", "align"))
+                    / b["timings_ms"]["total"]
                     for b in bodies
                 ),
             }
             print(c, json.dumps(result["ask"][c]))
 
-        docs = lambda w, n: ("/documents", {"documents": [{"id": f"i{w}-{n}-{j}", "text": paragraphs[(w * 997 + n * 31 + j) % len(paragraphs)]} for j in range(8)]})
+        def docs(w: int, n: int) -> tuple[str, dict]:
+            batch = [{"id": f"i{w}-{n}-{j}", "text": paragraphs[(w * 997 + n * 31 + j) % len(paragraphs)]}
+                     for j in range(8)]
+            return "/documents", {"documents": batch}
+
         lat, bodies, wall = asyncio.run(load(url, 4, args.seconds, docs))
         n_docs = sum(len(b["documents"]) for b in bodies)
         result["ingest"] = {"documents": n_docs, "docs_per_s": n_docs / wall, "clients": 4, "docs_per_request": 8,

@@ -34,11 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.storage.base import DocumentInput, IndexEntry, SearchFilters
-from service.storage.embedded import EmbeddedRedis
-from service.storage.index import VectorIndex
-from service.storage.redis_store import RedisMemoryStore
-from service.storage.sync import SyncedIndex
+from service.storage.base import DocumentInput, IndexEntry, SearchFilters  # noqa: E402 (after the sys.path line)
+from service.storage.embedded import EmbeddedRedis  # noqa: E402 (after the sys.path line)
+from service.storage.index import VectorIndex  # noqa: E402 (after the sys.path line)
+from service.storage.redis_store import RedisMemoryStore  # noqa: E402 (after the sys.path line)
+from service.storage.sync import SyncedIndex  # noqa: E402 (after the sys.path line)
 
 K, D = 16, 384
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -72,11 +72,14 @@ def text_of(i: int, n_chars: int) -> str:
     return (base * (n_chars // len(base) + 1))[:n_chars]
 
 
-def docs_batch(start: int, n: int, keys: np.ndarray, n_chars: int) -> list[tuple[DocumentInput, torch.Tensor, torch.Tensor]]:
+def docs_batch(
+    start: int, n: int, keys: np.ndarray, n_chars: int
+) -> list[tuple[DocumentInput, torch.Tensor, torch.Tensor]]:
     mem = torch.randn(n, K, D).to(torch.float16)  # (n, K, D)
     return [
         (DocumentInput(f"doc-{i}", text_of(i, n_chars), title=f"Title of document {i}", source=f"source-{i % 20}",
-                       published_at=T0 + timedelta(minutes=i)), mem[j], torch.from_numpy(keys[i]).half())  # fp16 key, as the service stores it
+                       published_at=T0 + timedelta(minutes=i)),
+         mem[j], torch.from_numpy(keys[i]).half())  # fp16 key, as the service stores it
         for j, i in enumerate(range(start, start + n))
     ]
 
@@ -166,7 +169,7 @@ def bench_topk(n: int, kind: str, n_queries: int, efs: list[int]) -> dict:
     for ef in efs:
         idx.ef_search = ef
         lat, rec = [], []
-        for q, t in zip(queries, truth):
+        for q, t in zip(queries, truth, strict=True):
             t0 = time.perf_counter()
             hits = idx.search(q, 10)
             lat.append(time.perf_counter() - t0)
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                  "args": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="cmt-bench-") as tmp, EmbeddedRedis(tmp, appendfsync=args.appendfsync) as srv:
+    with (tempfile.TemporaryDirectory(prefix="cmt-bench-") as tmp,
+          EmbeddedRedis(tmp, appendfsync=args.appendfsync) as srv):
         with RedisMemoryStore(srv.url, bank="bench-bytes") as store:
             out["bytes"] = bench_bytes(store)
             store.drop_bank()
@@ -215,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_topk(n, kind, args.queries, efs)
             out["topk"].append(r)
             print(f"  topk n={n} {kind}: exact p99 {r['exact_p99_ms']:.2f} ms, hnsw build {r['hnsw_build_s']:.1f} s, "
-                  + ", ".join(f"ef{a['ef_search']} p99 {a['p99_ms']:.2f} ms R@10 {a['recall_at_10']:.3f}" for a in r["approx"]),
+                  + ", ".join(f"ef{a['ef_search']} p99 {a['p99_ms']:.2f} ms R@10 {a['recall_at_10']:.3f}"
+                              for a in r["approx"]),
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
@@ -237,14 +242,17 @@ def print_table(out: dict) -> None:
         print(f"\n== ingest / rebuild at {g['docs']} docs ==")
         print(f"write {g['docs_per_s']:.0f} docs/s (batch {g['batch']}, appendfsync {out['args']['appendfsync']}); "
               f"scan {g['scan_s']:.1f} s; rebuild incl. HNSW {g['rebuild_s_incl_hnsw']:.1f} s "
-              f"(~{g['rebuild_s_extrapolated_1e6']:.0f} s at 1e6); get_memories(8) p50 {g['get_memories_8_p50_ms']:.2f} ms "
+              f"(~{g['rebuild_s_extrapolated_1e6']:.0f} s at 1e6); "
+              f"get_memories(8) p50 {g['get_memories_8_p50_ms']:.2f} ms "
               f"p99 {g['get_memories_8_p99_ms']:.2f} ms")
     print("\n== top-10 latency (ms) ==")
-    print(f"{'n':>8} {'keys':>9} {'exact p50':>9} {'exact p99':>9} {'build s':>7} {'ef':>4} {'ann p50':>7} {'ann p99':>7} {'R@10':>6} {'filt p99':>8}")
+    print(f"{'n':>8} {'keys':>9} {'exact p50':>9} {'exact p99':>9} {'build s':>7} {'ef':>4} {'ann p50':>7} "
+          f"{'ann p99':>7} {'R@10':>6} {'filt p99':>8}")
     for r in out["topk"]:
         for a in r["approx"]:
-            print(f"{r['n']:>8} {r['keys']:>9} {r['exact_p50_ms']:>9.2f} {r['exact_p99_ms']:>9.2f} {r['hnsw_build_s']:>7.1f} "
-                  f"{a['ef_search']:>4} {a['p50_ms']:>7.2f} {a['p99_ms']:>7.2f} {a['recall_at_10']:>6.3f} {a['filtered10pct_p99_ms']:>8.2f}")
+            print(f"{r['n']:>8} {r['keys']:>9} {r['exact_p50_ms']:>9.2f} {r['exact_p99_ms']:>9.2f} "
+                  f"{r['hnsw_build_s']:>7.1f} {a['ef_search']:>4} {a['p50_ms']:>7.2f} {a['p99_ms']:>7.2f} "
+                  f"{a['recall_at_10']:>6.3f} {a['filtered10pct_p99_ms']:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
             )
             following.append(index)
-            ingest = IngestService(engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings,
-                                   on_documents=metrics.on_documents)
+            ingest = IngestService(
+                engine, store, make_compress_batcher(engine, settings, metrics.on_batch("ingest")), settings,
+                on_documents=metrics.on_documents,
+            )
             ask = AskService(engine, store, index, settings)
             ask_batcher = make_ask_batcher(ask, settings, metrics.on_batch("ask"))
             questions = QuestionService(ask, ask_batcher, store, on_answer=metrics.on_answer,
@@ -64,8 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ingest.batcher.start()
             ask_batcher.start()
             app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, questions)
-            served = ServedModel(engine.compressor_version, str(engine.checkpoint_dir), engine.llm.identity.name_or_path,
-                                 str(engine.modules.device), settings.dtype, engine.load_seconds)
+            served = ServedModel(
+                engine.compressor_version, str(engine.checkpoint_dir), engine.llm.identity.name_or_path,
+                str(engine.modules.device), settings.dtype, engine.load_seconds,
+            )
             metrics.bind(served, index=index, queues={"ingest": ingest.batcher, "ask": ask_batcher},
                          bank_stats=lambda sample: store.bank_stats(engine.memory_value_bytes, sample))
             log.info("ready: %d documents indexed", len(index))

@@ -1,7 +1,22 @@
 """One error hierarchy for the whole service.
 
-Every error a user can cause or a fault the service can meet is a `CMTError` subclass with a
-stable `code` and the HTTP status it maps to; the HTTP layer maps them in one place.
+The tree (when each is raised → its HTTP status and `code`; service.api.errors maps them in one place):
+
+* CMTError - base of every error raised on purpose; raised as such → 500 internal_error
+  x InvalidInputError (a ValueError) - bad text, id, date, shape, dtype, dimension or config → 422 invalid_input
+    + PayloadTooLargeError - a text, batch or question over a configured limit → 413 payload_too_large
+  x NotFoundError (a KeyError) - a document id that is not stored → 404 not_found
+  x CheckpointError - a checkpoint missing, malformed or of an unsupported format → 500 checkpoint_error
+    + CheckpointMismatchError - a checkpoint made for another LLM or backbone → 500 checkpoint_mismatch
+    + LLMSourceError (service.models.llm_source) - the LLM named cannot be found or converted → 500 llm_source_error
+  x StorageUnavailableError - Redis down or failing, index unavailable → 503 storage_unavailable + Retry-After
+    + CorruptMemoryError (service.storage.codec) - a stored value is no valid memory → 503 storage_corrupt + Retry-After
+  x StaleMemoryError - memories of another compressor version (stale="raise") → 503 stale_memory
+  x OverloadedError - a batcher queue is full or shutting down → 503 overloaded + Retry-After
+
+Each has a stable `code` and `http_status`; the body is `{"error": {"code", "message", "details"?}}` and
+5xx ones are logged. Outside the tree, the same module maps request validation errors to 422 invalid_input,
+HTTP exceptions to their status (401 unauthorized, 403 forbidden, 404, 405) and anything else to 500.
 """
 
 from __future__ import annotations
@@ -19,12 +34,6 @@ class CMTError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or {}
-
-    def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details:
-            body["details"] = self.details
-        return {"error": body}
 
 
 class InvalidInputError(CMTError, ValueError):

@@ -52,7 +52,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.errors import StorageUnavailableError
 from service.storage.base import BLOCKING_OPS, BankStats
@@ -61,7 +60,6 @@ log = logging.getLogger(__name__)
 # No `*_created` series: in the text format they are extra gauges per label set that no panel uses.
 disable_created_metrics()
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Stages range from ~0.1 ms (retrieve over a small bank) to seconds (generate).
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, *LATENCY_BUCKETS)
@@ -195,8 +193,8 @@ class Metrics:
         self.tokens_generated = Counter(
             "cmt_ask_generated_tokens", "Answer tokens generated (stream: text pieces sent)", ["mode"], registry=r)
         self.ask_ttft = Histogram(
-            "cmt_ask_time_to_first_token_seconds", "Streamed /ask: request to first answer text", buckets=LATENCY_BUCKETS,
-            registry=r,
+            "cmt_ask_time_to_first_token_seconds", "Streamed /ask: request to first answer text",
+            buckets=LATENCY_BUCKETS, registry=r,
         )
         # ---- batchers --------------------------------------------------------------------------
         self.batch_size = Histogram("cmt_batch_size", "Items per model batch", ["batcher"], buckets=BATCH_BUCKETS,

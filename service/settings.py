@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
 """The checkpoint committed in the repository (models/, fp16; its README says how it was trained)."""
 
@@ -89,7 +88,7 @@ class Settings(BaseSettings):
         return not self.api_keys and not is_loopback(self.host)
 
     @model_validator(mode="after")
-    def _refuse_open_by_accident(self) -> "Settings":
+    def _refuse_open_by_accident(self) -> Settings:
         if self.is_open and not self.allow_open:
             raise ValueError(
                 f"host {self.host!r} is reachable from other machines and no write keys are set: anyone could add and "

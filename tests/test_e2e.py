@@ -41,8 +41,9 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = data_dir.parent / "server.log"
 
-    def start(self) -> "Server":
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+    def start(self) -> Server:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -78,22 +79,24 @@ def server(model_dirs, tmp_path_factory):
 
 
 def test_ingest_ask_delete_and_survive_a_killed_service(server):
-    docs = [{"id": f"n{i}", "text": f"Report {i}: the Varn river rose {i} metres in Oskel.", "title": f"T{i}"} for i in range(6)]
+    docs = [{"id": f"n{i}", "text": f"Report {i}: the Varn river rose {i} metres in Oskel.", "title": f"T{i}"}
+            for i in range(6)]
     r = httpx.post(server.url + "/documents", json={"documents": docs}, timeout=60)
     assert r.status_code == 200 and all(d["status"] == "new" for d in r.json()["documents"])
-    ask = httpx.post(server.url + "/ask", json={"question": "How high did the Varn rise?", "top_k": 4}, timeout=60).json()
+    question = {"question": "How high did the Varn rise?", "top_k": 4}
+    ask = httpx.post(server.url + "/ask", json=question, timeout=60).json()
     assert len(ask["sources"]) == 4 and isinstance(ask["answer"], str)
 
     victim = ask["sources"][0]["id"]
     assert httpx.delete(server.url + f"/documents/{victim}", timeout=10).status_code == 200
-    again = httpx.post(server.url + "/ask", json={"question": "How high did the Varn rise?", "top_k": 4}, timeout=60).json()
+    again = httpx.post(server.url + "/ask", json=question, timeout=60).json()
     assert victim not in {s["id"] for s in again["sources"]}
 
     server.kill(signal.SIGKILL)  # no graceful shutdown at all
     server.start()
     listing = httpx.get(server.url + "/documents", timeout=10).json()
     assert listing["count"] == 5 and victim not in {d["id"] for d in listing["documents"]}
-    after = httpx.post(server.url + "/ask", json={"question": "How high did the Varn rise?", "top_k": 4}, timeout=60).json()
+    after = httpx.post(server.url + "/ask", json=question, timeout=60).json()
     assert {s["id"] for s in after["sources"]} == {s["id"] for s in again["sources"]}
 
 

@@ -67,7 +67,8 @@ class BaseLLMConfig:
 
 def build_model(config: BaseLLMConfig, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
     torch.manual_seed(config.seed)
-    common = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    common = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
     if config.arch == "gpt2":
         cfg = GPT2Config(
             vocab_size=len(tokenizer), n_embd=config.hidden_size, n_layer=config.num_layers, n_head=config.num_heads,
@@ -111,7 +112,9 @@ def _batch(rows: list[tuple[list[int], list[int]]], pad_id: int, max_len: int):
     return ids, mask, labels
 
 
-def train_base_llm(docs: Sequence[dict[str, Any]], out_dir: str | Path, config: BaseLLMConfig | None = None) -> dict[str, Any]:
+def train_base_llm(
+    docs: Sequence[dict[str, Any]], out_dir: str | Path, config: BaseLLMConfig | None = None
+) -> dict[str, Any]:
     """Train tokenizer + LLM on the training documents; save to out_dir; returns the metrics."""
     config = config or BaseLLMConfig()
     out_dir = Path(out_dir)
@@ -128,13 +131,16 @@ def train_base_llm(docs: Sequence[dict[str, Any]], out_dir: str | Path, config: 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps))
+        opt,
+        lambda s: min(1.0, (s + 1) / config.warmup) * 0.5
+        * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)),
     )
     n_plain = round(config.batch_size * config.plain_text_share)
     log, losses = [], []
     bar = tqdm(range(config.steps), desc="base LLM", leave=False, mininterval=2)
     for step in bar:
-        rows = rng.sample(rc_enc, min(len(rc_enc), config.batch_size - n_plain)) + rng.sample(plain_enc, min(len(plain_enc), n_plain))
+        rows = (rng.sample(rc_enc, min(len(rc_enc), config.batch_size - n_plain))
+                + rng.sample(plain_enc, min(len(plain_enc), n_plain)))
         ids, mask, labels = (t.to(config.device) for t in _batch(rows, tokenizer.pad_token_id, config.max_positions))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -168,7 +174,8 @@ def load_base_llm(directory: str | Path, device: str = "cpu") -> HFCausalLM:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the in-house base LLM (frozen LLM of our experiments).")
-    parser.add_argument("--data", default="synthetic", help='"synthetic[:entities]", "squad", "archivalqa" or a JSONL pattern with {split}')
+    parser.add_argument("--data", default="synthetic",
+                        help='"synthetic[:entities]", "squad", "archivalqa" or a JSONL pattern with {split}')
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     for name, field_ in BaseLLMConfig.__dataclass_fields__.items():

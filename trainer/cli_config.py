@@ -43,7 +43,8 @@ def field_docs(cls: type) -> dict[str, str]:
         for node, after in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
             ):
                 docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
@@ -84,7 +85,8 @@ def add_dataclass_arguments(
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=kind, default=value, nargs="+" if is_tuple else None, help=help_text)
+            group.add_argument(flag, dest=dest, type=kind, default=value, nargs="+" if is_tuple else None,
+                               help=help_text)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
@@ -102,7 +104,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "") -
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """{"dotted.field": value} of every leaf field of a (nested) dataclass or of its asdict()."""
-    items = config.items() if isinstance(config, Mapping) else ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    items = (config.items() if isinstance(config, Mapping)
+             else ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)))
     out: dict[str, Any] = {}
     for name, value in items:
         if dataclasses.is_dataclass(value) or isinstance(value, Mapping):

@@ -166,7 +166,9 @@ _FILLERS = [
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ).capitalize()
 
 
 def _unique_words(rng: random.Random, n: int, taken: set[str], syllables: tuple[int, ...] = (2, 3)) -> list[str]:
@@ -296,7 +298,8 @@ def synthetic_stream(config: SyntheticConfig | None = None) -> dict[str, list[di
         }
         if with_question:
             doc["questions"].append(
-                {"qid": f"{doc_id}-q", "question": rng.choice(t["q"]).format(E=entity), "answers": [value], "kind": qkind}
+                {"qid": f"{doc_id}-q", "question": rng.choice(t["q"]).format(E=entity), "answers": [value],
+                 "kind": qkind}
             )
         out[split_of[entity]].append(doc)
         return doc

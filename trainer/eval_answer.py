@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from service.models.aggregator import select_top_k
 from service.errors import InvalidInputError
+from service.models.aggregator import select_top_k
 from service.models.cmt import Bank, CMTModules, CMTPipeline
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prompts import PromptProfile, get_profile
@@ -26,9 +26,13 @@ BATCH_SIZE = 32
 """Questions per LLM batch, the same for every row (prompt-only and CMT)."""
 
 
-def generation_config(alpha: float = 0.0, max_new_tokens: int = MAX_NEW_TOKENS, profile: PromptProfile | None = None) -> GenerationConfig:
+def generation_config(
+    alpha: float = 0.0, max_new_tokens: int = MAX_NEW_TOKENS, profile: PromptProfile | None = None
+) -> GenerationConfig:
     """Greedy, at most max_new_tokens, stopping at the profile's stop strings (one line = one answer)."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, alpha=alpha, stop_strings=tuple(get_profile(profile).stop_strings))
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, alpha=alpha, stop_strings=tuple(get_profile(profile).stop_strings)
+    )
 
 
 # ---- prompts -----------------------------------------------------------------------------------------
@@ -71,12 +75,15 @@ def prompt_text(
     if len(tok(text)["input_ids"]) <= limit:
         return text
     raise InvalidInputError(
-        f"prompt profile {profile.name!r}: the prompt needs {len(tok(text)['input_ids'])} positions even with its documents cut; "
+        f"prompt profile {profile.name!r}: the prompt needs {len(tok(text)['input_ids'])} positions even with its "
+        "documents cut; "
         f"the LLM has {llm.layout.max_positions}, {max_new_tokens} + 2 of them kept for the answer"
     )
 
 
-def fit_prompt(llm: HFCausalLM, question: str, document: str | Sequence[str] | None, profile: PromptProfile | str | None = None) -> str:
+def fit_prompt(
+    llm: HFCausalLM, question: str, document: str | Sequence[str] | None, profile: PromptProfile | str | None = None
+) -> str:
     """prompt_text with the profile given by name, dict or object (default: plain)."""
     return prompt_text(llm, get_profile(profile), question, document)
 
@@ -102,8 +109,8 @@ class PromptRun:
 
 
 def run_prompts(
-    llm: HFCausalLM, prompts: Sequence[str], cache: PredictionCache, batch_size: int = BATCH_SIZE, desc: str | None = None,
-    progress: bool = False,
+    llm: HFCausalLM, prompts: Sequence[str], cache: PredictionCache, batch_size: int = BATCH_SIZE,
+    desc: str | None = None, progress: bool = False,
 ) -> PromptRun:
     """Answers of prompt-only questions with the cache's generation settings: each distinct prompt is
     looked up once, the missing ones generated in batches of batch_size (sorted by length: less
@@ -122,7 +129,7 @@ def run_prompts(
         t = time.perf_counter()
         gens = llm.generate(batch, config=cache.generation)
         per_question = (time.perf_counter() - t) / len(batch)
-        new = {p: CachedPrediction(g.text, g.prompt_tokens, per_question) for p, g in zip(batch, gens)}
+        new = {p: CachedPrediction(g.text, g.prompt_tokens, per_question) for p, g in zip(batch, gens, strict=True)}
         cache.put_many(new)
         found.update(new)
     hits = [found[p] for p in prompts]
@@ -130,7 +137,9 @@ def run_prompts(
                      fresh=len(todo), cached=len(found) - len(todo))
 
 
-def time_prompts(llm: HFCausalLM, prompts: Sequence[str], generation: GenerationConfig, batch_size: int = BATCH_SIZE) -> tuple[float, list[str]]:
+def time_prompts(
+    llm: HFCausalLM, prompts: Sequence[str], generation: GenerationConfig, batch_size: int = BATCH_SIZE
+) -> tuple[float, list[str]]:
     """Wall seconds to answer prompts in the given order, in batches of batch_size, without any cache
     (the timing sample), and the answers."""
     preds: list[str] = []
@@ -141,12 +150,15 @@ def time_prompts(llm: HFCausalLM, prompts: Sequence[str], generation: Generation
 
 
 def answer_prompts(
-    llm: HFCausalLM, prompts: Sequence[str], batch_size: int = BATCH_SIZE, *, profile: PromptProfile | str | None = None,
-    cache: PredictionCache | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+    llm: HFCausalLM, prompts: Sequence[str], batch_size: int = BATCH_SIZE, *,
+    profile: PromptProfile | str | None = None, cache: PredictionCache | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> tuple[list[str], list[int]]:
     """Answers and prompt lengths of prompts built with `profile` (default plain); no disk cache unless given."""
     profile = get_profile(profile)
-    cache = cache or PredictionCache(None, llm, profile, generation_config(0.0, max_new_tokens, profile), llm_identity={})
+    cache = cache or PredictionCache(
+        None, llm, profile, generation_config(0.0, max_new_tokens, profile), llm_identity={}
+    )
     run = run_prompts(llm, prompts, cache, batch_size)
     return run.predictions, run.prompt_tokens
 
@@ -214,7 +226,7 @@ def evaluate_cmt(
             q = modules.compressor.compress([e.question for e in exs])
         sel = select_top_k(q.key.float().cpu(), bank.keys, 1)
         top1 = [bank.ids[i] for i in sel.indices[:, 0].tolist()]
-        result["recall_at_1"] = 100.0 * sum(t == e.doc_id for t, e in zip(top1, exs)) / len(exs)
+        result["recall_at_1"] = 100.0 * sum(t == e.doc_id for t, e in zip(top1, exs, strict=True)) / len(exs)
     modules.train(was_training)
     result["predictions"] = preds
     result["sources"] = sources

@@ -29,48 +29,58 @@ def _header(report: dict[str, Any]) -> list[str]:
     )
     if profile:
         same = "the checkpoint's" if profile == ckpt_profile else f"overridden; the checkpoint's is `{ckpt_profile}`"
-        lines += ["", (f"Prompt profile: `{profile}` for the prompt-only rows ({same}); CMT rows use the profile their checkpoint "
-                       f"was trained with. Generation: greedy, at most {report.get('max_new_tokens')} new tokens, stop at "
+        lines += ["", (f"Prompt profile: `{profile}` for the prompt-only rows ({same}); CMT rows use the profile "
+                       f"their checkpoint was trained with. Generation: greedy, at most "
+                       f"{report.get('max_new_tokens')} new tokens, stop at "
                        f"{report.get('stop_strings')}; {report.get('batch_size')} questions per LLM batch in every row "
                        f"(prompt-only rows sorted by length); {report.get('torch_threads', '?')} torch threads on "
                        f"{report.get('device', '?')}.")]
-    lines += ["", ("Scores, never mixed: EM/F1 = official SQuAD v1.1 scoring; contains = the normalised gold answer occurs "
-                   "(whole words) in the normalised answer, max over golds; words = mean answer length; prefix-EM = the "
+    lines += ["", ("Scores, never mixed: EM/F1 = official SQuAD v1.1 scoring; contains = the normalised gold answer "
+                   "occurs (whole words) in the normalised answer, max over golds; words = mean answer length; "
+                   "prefix-EM = the "
                    "CMT/MAC papers' looser metric (answer cut to the shortest gold's length).")]
     n = report.get("timing_questions")
     if n:
-        lines += ["", (f"s/question = wall seconds per question, retrieval included: every row answers its first {n} questions "
-                       f"again in this run, in question order, {report.get('batch_size')} per batch, without the prediction "
+        lines += ["", (f"s/question = wall seconds per question, retrieval included: every row answers its first {n} "
+                       f"questions again in this run, in question order, {report.get('batch_size')} per batch, "
+                       "without the prediction "
                        "cache (the same questions and batches for every row); the scores come from the full pass.")]
     elif profile:
-        lines += ["", ("s/question = wall seconds per question of the answering pass, retrieval included; prompt-only rows "
-                       "found in the prediction cache report the seconds measured when they were computed.")]
+        lines += ["", ("s/question = wall seconds per question of the answering pass, retrieval included; "
+                       "prompt-only rows found in the prediction cache report the seconds measured when they were "
+                       "computed.")]
     return lines
 
 
 def _rows_table(report: dict[str, Any]) -> list[str]:
-    lines = ["", "| row | EM | F1 | contains | words | prefix-EM (papers) | stored bytes/doc | prompt positions/question | s/question |",
+    lines = ["", "| row | EM | F1 | contains | words | prefix-EM (papers) | stored bytes/doc "
+                 "| prompt positions/question | s/question |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {_cell(r['row'])} | {r['em']:.2f} | {r['f1']:.2f} | {_num(r.get('containment'), 2)} | "
-                     f"{_num(r.get('answer_words'), 1)} | {r['prefix_em']:.2f} | {_num(r.get('stored_bytes_per_doc'), 0)} | "
+                     f"{_num(r.get('answer_words'), 1)} | {r['prefix_em']:.2f} | "
+                     f"{_num(r.get('stored_bytes_per_doc'), 0)} | "
                      f"{_num(r.get('prompt_tokens'))} | {_num(r.get('seconds_per_question'), 3)} |")
     notes = [f"- {r['row']}: {r['note']}" for r in report["rows"] if r.get("note")]
-    notes += [f"- {r['row']}: documents cut at their end to fit the LLM's positions in {r['documents_cut']} of {r['n']} prompts"
+    notes += [f"- {r['row']}: documents cut at their end to fit the LLM's positions in {r['documents_cut']} of "
+              f"{r['n']} prompts"
               for r in report["rows"] if r.get("documents_cut")]
     if notes:
         lines += ["", "Notes:", "", *notes]
     for r in report["rows"]:
         if "ingest" in r:
             i, lat = r["ingest"], r["ask_latency_ms"]
-            lines += ["", (f"{r['row']}: {i['documents']} documents streamed at {i['docs_per_s']:.1f} docs/s ({i['status']}); "
+            lines += ["", (f"{r['row']}: {i['documents']} documents streamed at {i['docs_per_s']:.1f} docs/s "
+                           f"({i['status']}); "
                            f"/ask latency p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms.")]
     kinds = [r for r in report["rows"] if "em_by_kind" in r]
     if kinds:
         names = sorted(kinds[0]["em_by_kind"])
-        lines += ["", "EM by question kind (single = answer in one document; latest = a newer report supersedes an older one):", "",
+        lines += ["", "EM by question kind (single = answer in one document; latest = a newer report supersedes "
+                  "an older one):", "",
                   "| row | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        lines += [f"| {r['row']} | " + " | ".join(f"{r['em_by_kind'].get(n, 0):.1f}" for n in names) + " |" for r in kinds]
+        lines += [f"| {r['row']} | " + " | ".join(f"{r['em_by_kind'].get(n, 0):.1f}" for n in names) + " |"
+                  for r in kinds]
     return lines
 
 
@@ -78,8 +88,10 @@ def _cost(report: dict[str, Any]) -> list[str]:
     c = report.get("cost")
     if c is None:
         return []
-    line = (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16, memory + key) vs raw text {c['raw_text_bytes_per_doc']:.0f} B "
-            f"vs a full KV cache of the document {c['full_kv_cache_bytes_per_doc_fp16'] / 1024:.1f} KiB ({c['llm_tokens_per_doc']:.1f} LLM tokens/doc).")
+    line = (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16, memory + key) "
+            f"vs raw text {c['raw_text_bytes_per_doc']:.0f} B "
+            f"vs a full KV cache of the document {c['full_kv_cache_bytes_per_doc_fp16'] / 1024:.1f} KiB "
+            f"({c['llm_tokens_per_doc']:.1f} LLM tokens/doc).")
     if "bank_compress_seconds" in c:
         line += f" Θ over the {report['documents']} documents took {c['bank_compress_seconds']:.1f} s"
         line += f", the BM25 index {c['bm25_index_seconds']:.2f} s." if "bm25_index_seconds" in c else "."
@@ -93,19 +105,27 @@ def _sections(report: dict[str, Any]) -> list[str]:
         lines += [f"| {n} | {v['recall_at_1']:.1f} | {v['recall_at_5']:.1f} |" for n, v in report["retrieval"].items()]
     ret = report.get("retention")
     if ret and ret["curve"]:
-        lines += ["", (f"Retention: questions of the first {ret['first_question_docs']} question documents ({ret['questions']} questions) as the bank grows; "
-                  f"they sit in the first {ret.get('first_stream_docs', '?')} documents of the stream; the bank grows {ret.get('growth') or 0:.1f}x; "
-                  f"EM drop {ret['em_drop']:.2f} points."), "", "| bank documents | EM | F1 | contains |", "|---:|---:|---:|---:|"]
-        lines += [f"| {p['bank_docs']} | {p['em']:.2f} | {p['f1']:.2f} | {_num(p.get('containment'), 2)} |" for p in ret["curve"]]
+        lines += ["", (f"Retention: questions of the first {ret['first_question_docs']} question documents "
+                       f"({ret['questions']} questions) as the bank grows; "
+                       f"they sit in the first {ret.get('first_stream_docs', '?')} documents of the stream; "
+                       f"the bank grows {ret.get('growth') or 0:.1f}x; "
+                       f"EM drop {ret['em_drop']:.2f} points."),
+                  "", "| bank documents | EM | F1 | contains |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['bank_docs']} | {p['em']:.2f} | {p['f1']:.2f} | {_num(p.get('containment'), 2)} |"
+                  for p in ret["curve"]]
     if report.get("robustness"):
-        lines += ["", "Robustness: share of irrelevant documents in the bank (100% = the gold documents are absent).", "",
+        lines += ["", "Robustness: share of irrelevant documents in the bank (100% = the gold documents are absent).",
+                  "",
                   "| irrelevant share | bank documents | EM | F1 | contains |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {p['irrelevant_share']:.0%} | {p['bank_docs']} | {p['em']:.2f} | {p['f1']:.2f} | {_num(p.get('containment'), 2)} |"
+        lines += [f"| {p['irrelevant_share']:.0%} | {p['bank_docs']} | {p['em']:.2f} | {p['f1']:.2f} | "
+                  f"{_num(p.get('containment'), 2)} |"
                   for p in report["robustness"]]
     if report.get("examples"):
         shown = list(report["examples"][0]["answers"])
-        lines += ["", "Examples:", "", "| question | gold | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
-        lines += [f"| {_cell(e['question'])} | {_cell(e['gold'][0])} | " + " | ".join(_cell(e["answers"][r]) for r in shown) + " |"
+        lines += ["", "Examples:", "", "| question | gold | " + " | ".join(shown) + " |",
+                  "|---|---|" + "---|" * len(shown)]
+        lines += [f"| {_cell(e['question'])} | {_cell(e['gold'][0])} | "
+                  + " | ".join(_cell(e["answers"][r]) for r in shown) + " |"
                   for e in report["examples"]]
     return lines
 

@@ -25,7 +25,9 @@ def bm25_index(texts: Sequence[str]) -> bm25s.BM25:
 
 def bm25_search(retriever: bm25s.BM25, num_texts: int, queries: Sequence[str], k: int) -> torch.Tensor:
     """Indices (Q, min(k, N)) of the best texts per query, best first."""
-    top, _ = retriever.retrieve([normalize_answer(q).split() or [""] for q in queries], k=min(k, num_texts), show_progress=False)
+    top, _ = retriever.retrieve(
+        [normalize_answer(q).split() or [""] for q in queries], k=min(k, num_texts), show_progress=False
+    )
     return torch.as_tensor(top)
 
 
@@ -41,7 +43,9 @@ def key_top(q_keys: torch.Tensor, bank: Bank, k: int, margin: float) -> list[lis
     return [[i for i in row if i >= 0] for row in sel.indices.tolist()]
 
 
-def _recall(scores_or_top: torch.Tensor, gold: Sequence[int], ks: Sequence[int] = (1, 5), ranked: bool = False) -> dict[str, float]:
+def _recall(
+    scores_or_top: torch.Tensor, gold: Sequence[int], ks: Sequence[int] = (1, 5), ranked: bool = False
+) -> dict[str, float]:
     """Recall@k of the gold index, from a (Q, N) score matrix or, when ranked, from (Q, K) best indices."""
     top = scores_or_top if ranked else scores_or_top.topk(min(max(ks), scores_or_top.shape[1]), dim=1).indices  # (Q, K)
     g = torch.tensor(gold)[:, None]
@@ -49,7 +53,9 @@ def _recall(scores_or_top: torch.Tensor, gold: Sequence[int], ks: Sequence[int] 
 
 
 @torch.inference_mode()
-def retrieval_recall(modules: CMTModules, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], bank: Bank) -> dict[str, dict[str, float]]:
+def retrieval_recall(
+    modules: CMTModules, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], bank: Bank
+) -> dict[str, dict[str, float]]:
     """Recall@1/@5 of the gold document: trained keys (by score, and with the checkpoint's recency rule
     when it has one), untrained MiniLM mean-pooled, BM25."""
     index = {d: i for i, d in enumerate(bank.ids)}
@@ -67,7 +73,9 @@ def retrieval_recall(modules: CMTModules, docs: Sequence[dict[str, Any]], exs: S
     def pooled(texts: Sequence[str]) -> torch.Tensor:
         parts = []
         for i in range(0, len(texts), 64):
-            enc = tok(list(texts[i : i + 64]), truncation=True, max_length=256, padding=True, return_tensors="pt").to(modules.device)
+            enc = tok(
+                list(texts[i : i + 64]), truncation=True, max_length=256, padding=True, return_tensors="pt"
+            ).to(modules.device)
             h = backbone(**enc).last_hidden_state
             m = enc["attention_mask"][..., None].to(h)
             parts.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1).float().cpu())

@@ -110,7 +110,9 @@ def make_row(ctx: EvalContext, name: str, preds: Sequence[str], **extra: Any) ->
     for i, e in enumerate(exs):
         by_kind.setdefault(e.kind, []).append(i)
     if len(by_kind) > 1:
-        r["em_by_kind"] = {k: aggregate([preds[i] for i in ix], [exs[i].answers for i in ix])["em"] for k, ix in by_kind.items()}
+        r["em_by_kind"] = {
+            k: aggregate([preds[i] for i in ix], [exs[i].answers for i in ix])["em"] for k, ix in by_kind.items()
+        }
     ctx.say(f"{name}: EM {r['em']:.1f} F1 {r['f1']:.1f} contains {r['containment']:.1f} words {r['answer_words']:.1f}")
     return {"row": name, **r, **extra}
 
@@ -124,22 +126,28 @@ def prompt_row(ctx: EvalContext, name: str, documents: Sequence[Sequence[str] | 
     """A prompt-only row: documents[i] (None = none) then question i, through the cache.
     retrieval_seconds: per question, added to the generation seconds."""
     profile, tok = ctx.baseline_profile, ctx.llm.tokenizer
-    prompts = [prompt_text(ctx.llm, profile, q, d, ctx.max_new_tokens) for q, d in zip(ctx.questions, documents)]
-    cut = sum(d is not None and p != profile.context_text(tok, q, d) for p, q, d in zip(prompts, ctx.questions, documents))
+    prompts = [prompt_text(ctx.llm, profile, q, d, ctx.max_new_tokens)
+               for q, d in zip(ctx.questions, documents, strict=True)]
+    cut = sum(d is not None and p != profile.context_text(tok, q, d)
+              for p, q, d in zip(prompts, ctx.questions, documents, strict=True))
     run = run_prompts(ctx.llm, prompts, ctx.cache, ctx.batch_size, desc=name, progress=ctx.progress)
     timing: dict[str, Any] = {"seconds_when_answered_per_question": _mean(run.seconds)}
     if ctx.timing_sample:
         n = ctx.timing_sample
         seconds, again = time_prompts(ctx.llm, prompts[:n], ctx.cache.generation, ctx.batch_size)
         timing |= {"generation_seconds_per_question": seconds / n,
-                   "timing_sample_same_answers": 100.0 * sum(a == b for a, b in zip(again, run.predictions)) / n,
+                   "timing_sample_same_answers":
+                       100.0 * sum(a == b for a, b in zip(again, run.predictions, strict=False)) / n,
                    "timing": f"the first {n} questions answered again now, in question order, without the cache"}
     else:
         timing |= {"generation_seconds_per_question": _mean(run.seconds),
-                   "timing": "measured now" if not run.cached else f"{run.cached} distinct prompts' seconds measured when they were cached"}
+                   "timing": "measured now" if not run.cached
+                             else f"{run.cached} distinct prompts' seconds measured when they were cached"}
     return make_row(ctx, name, run.predictions, profile=profile.name, stored_bytes_per_doc=stored_bytes_per_doc,
-                    prompt_tokens=_mean(run.prompt_tokens), seconds_per_question=timing["generation_seconds_per_question"] + retrieval_seconds,
-                    retrieval_seconds_per_question=retrieval_seconds, documents_cut=cut, computed=run.fresh, cached=run.cached,
+                    prompt_tokens=_mean(run.prompt_tokens),
+                    seconds_per_question=timing["generation_seconds_per_question"] + retrieval_seconds,
+                    retrieval_seconds_per_question=retrieval_seconds, documents_cut=cut, computed=run.fresh,
+                    cached=run.cached,
                     **timing, **extra)
 
 
@@ -169,18 +177,22 @@ def rag_rows(ctx: EvalContext, ks: Sequence[int] = (1, 3)) -> list[dict[str, Any
     bm25_s = (time.perf_counter() - t) / n
     t = time.perf_counter()
     with torch.inference_mode():
-        q_keys = torch.cat([ctx.modules.compressor.compress(ctx.questions[i : i + ctx.batch_size]).key.float().cpu()
-                            for i in range(0, len(ctx.exs), ctx.batch_size)]) if ctx.exs else torch.empty(0, ctx.bank.keys.shape[1])
+        q_keys = (torch.cat([ctx.modules.compressor.compress(ctx.questions[i : i + ctx.batch_size]).key.float().cpu()
+                             for i in range(0, len(ctx.exs), ctx.batch_size)])
+                  if ctx.exs else torch.empty(0, ctx.bank.keys.shape[1]))
     keyed = key_top(q_keys, ctx.bank, max(ks), ctx.margin) if ctx.exs else []
     key_s = (time.perf_counter() - t) / n
     rows = []
     for k in ks:
-        rows.append(prompt_row(ctx, f"RAG top-{k} by BM25", [[texts[i] for i in top[:k]] for top in bm25], ctx.text_bytes,
-                               retrieval_seconds=bm25_s, family="rag", note="bm25s (k1 1.5, b 0.75) over the test stream; stored bytes: raw text (the index is extra)"))
+        rows.append(prompt_row(ctx, f"RAG top-{k} by BM25", [[texts[i] for i in top[:k]] for top in bm25],
+                               ctx.text_bytes, retrieval_seconds=bm25_s, family="rag",
+                               note="bm25s (k1 1.5, b 0.75) over the test stream; stored bytes: raw text "
+                                    "(the index is extra)"))
     for k in ks:
         rows.append(prompt_row(ctx, f"RAG top-{k} by CMT keys", [[texts[i] for i in top[:k]] for top in keyed],
                                ctx.text_bytes + ctx.key_bytes, retrieval_seconds=key_s, family="rag",
-                               note="the checkpoint's trained keys with its recency rule (CMT's own selection); retrieval time includes Θ(question)"))
+                               note="the checkpoint's trained keys with its recency rule (CMT's own selection); "
+                                    "retrieval time includes Θ(question)"))
     return rows
 
 
@@ -188,8 +200,8 @@ def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k
              profile: PromptProfile, **extra: Any) -> dict[str, Any]:
     def answer(questions: Sequence[str], progress: bool) -> tuple[float, list[str]]:
         t = time.perf_counter()
-        preds, _ = answer_cmt(modules, ctx.llm, bank, questions, top_k, alpha, ctx.batch_size, ctx.max_new_tokens, profile,
-                              desc=name, progress=progress)
+        preds, _ = answer_cmt(modules, ctx.llm, bank, questions, top_k, alpha, ctx.batch_size, ctx.max_new_tokens,
+                              profile, desc=name, progress=progress)
         return time.perf_counter() - t, preds
 
     seconds, preds = answer(ctx.questions, ctx.progress)
@@ -198,31 +210,34 @@ def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k
         n = ctx.timing_sample
         again_seconds, again = answer(ctx.questions[:n], False)
         timing |= {"seconds_per_question": again_seconds / n,
-                   "timing_sample_same_answers": 100.0 * sum(a == b for a, b in zip(again, preds)) / n,
-                   "timing": f"the first {n} questions answered again now, in question order (Θ(question), selection, ψ, π, generation)"}
+                   "timing_sample_same_answers": 100.0 * sum(a == b for a, b in zip(again, preds, strict=False)) / n,
+                   "timing": f"the first {n} questions answered again now, in question order "
+                             "(Θ(question), selection, ψ, π, generation)"}
     else:
         timing |= {"seconds_per_question": timing["seconds_when_answered_per_question"],
                    "timing": "measured now (Θ(question), selection, ψ, π and generation)"}
     prefix = modules.config.aligner.prefix_len
     q_tokens = _mean(question_tokens(ctx.llm, profile, ctx.questions))
-    return make_row(ctx, name, preds, profile=profile.name, stored_bytes_per_doc=ctx.cmt_bytes, prompt_tokens=q_tokens + prefix,
-                    prompt_note=f"question tokens + {prefix} prefix positions", **timing, **extra)
+    return make_row(ctx, name, preds, profile=profile.name, stored_bytes_per_doc=ctx.cmt_bytes,
+                    prompt_tokens=q_tokens + prefix, prompt_note=f"question tokens + {prefix} prefix positions",
+                    **timing, **extra)
 
 
 def cmt_rows(ctx: EvalContext) -> list[dict[str, Any]]:
     """CMT with its top-k, and over the whole bank MAC-style (all documents up to max_docs)."""
-    top = _cmt_row(ctx, f"CMT (top-{ctx.top_k})", ctx.modules, ctx.bank, ctx.top_k, ctx.alpha, ctx.cmt_profile, family="cmt",
-                   note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}")
+    top = _cmt_row(ctx, f"CMT (top-{ctx.top_k})", ctx.modules, ctx.bank, ctx.top_k, ctx.alpha, ctx.cmt_profile,
+                   family="cmt", note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}")
     n, cap = len(ctx.bank.ids), ctx.modules.config.aggregator.max_docs
     k = whole_bank_k(ctx.modules, ctx.bank)
     if n <= cap:
         name, note = f"CMT over the whole bank ({n} docs, MAC-style)", "ψ attends over every stored document, no top-k"
     else:
         name = f"CMT over the {cap} best of {n} docs by key (MAC-style, capped)"
-        note = (f"ψ holds at most max_docs={cap} documents (its order embeddings), so the 'whole bank' of {n} is cut to the "
-                f"{cap} with the best key scores: top-k with k={cap}, not MAC's attention over all {n}")
+        note = (f"ψ holds at most max_docs={cap} documents (its order embeddings), so the 'whole bank' of {n} is cut "
+                f"to the {cap} with the best key scores: top-k with k={cap}, not MAC's attention over all {n}")
     if k == min(ctx.top_k, n):
-        whole = {**top, "row": name, "note": note + f"; the same selection as the CMT top-{ctx.top_k} row, not recomputed"}
+        whole = {**top, "row": name,
+                 "note": note + f"; the same selection as the CMT top-{ctx.top_k} row, not recomputed"}
         ctx.predictions[name] = ctx.predictions[top["row"]]
     else:
         whole = _cmt_row(ctx, name, ctx.modules, ctx.bank, None, ctx.alpha, ctx.cmt_profile, family="cmt", note=note)

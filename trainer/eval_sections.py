@@ -31,11 +31,14 @@ def cost_section(ctx: EvalContext) -> dict[str, Any]:
     layout = ctx.llm.layout
     doc_tokens = sum(len(ctx.llm.tokenizer(d["text"])["input_ids"]) for d in ctx.docs) / max(1, len(ctx.docs))
     return {"cmt_memory_bytes_per_doc_fp16": ctx.cmt_bytes, "raw_text_bytes_per_doc": ctx.text_bytes,
-            "full_kv_cache_bytes_per_doc_fp16": doc_tokens * layout.values_per_position * 2, "llm_tokens_per_doc": doc_tokens,
+            "full_kv_cache_bytes_per_doc_fp16": doc_tokens * layout.values_per_position * 2,
+            "llm_tokens_per_doc": doc_tokens,
             **{k: v for k, v in ctx.timings.items()}}
 
 
-def retention_section(ctx: EvalContext, retention_docs: int = 200, multiples: Sequence[int] = (1, 2, 5, 10)) -> dict[str, Any]:
+def retention_section(
+    ctx: EvalContext, retention_docs: int = 200, multiples: Sequence[int] = (1, 2, 5, 10)
+) -> dict[str, Any]:
     """Questions of the first `retention_docs` question-bearing documents as the bank grows: multiples
     of the stream up to the last of those documents, then the whole stream."""
     docs = ctx.docs
@@ -44,7 +47,9 @@ def retention_section(ctx: EvalContext, retention_docs: int = 200, multiples: Se
     first_ex = examples(first_docs)
     curve: list[dict[str, Any]] = []
     for n in sorted({min(len(docs), m * first_pos) for m in multiples} | {len(docs)}) if first_pos else []:
-        curve.append({"bank_docs": n, **_cmt_scores(ctx, _sub_bank(ctx.bank, range(n)), first_ex, f"retention @ {n} docs")})
+        curve.append(
+            {"bank_docs": n, **_cmt_scores(ctx, _sub_bank(ctx.bank, range(n)), first_ex, f"retention @ {n} docs")}
+        )
         ctx.say(f"retention @ {n} docs: EM {curve[-1]['em']:.1f}")
     return {"first_question_docs": len(first_docs), "first_stream_docs": first_pos, "questions": len(first_ex),
             "curve": curve, "growth": curve[-1]["bank_docs"] / first_pos if curve else None,
@@ -73,9 +78,11 @@ def robustness_section(ctx: EvalContext, robustness_questions: int = 200) -> lis
             n_irr = min(len(pool), len(q_docs) * 3)
         else:
             n_irr = min(len(pool), round(len(q_docs) * share / (1 - share)))
-        chosen = ([] if share == 1.0 else [index[d["doc_id"]] for d in q_docs]) + [index[d["doc_id"]] for d in random.Random(0).sample(pool, n_irr)]
+        chosen = (([] if share == 1.0 else [index[d["doc_id"]] for d in q_docs])
+                  + [index[d["doc_id"]] for d in random.Random(0).sample(pool, n_irr)])
         chosen.sort()  # keep stream order
         scores = _cmt_scores(ctx, _sub_bank(ctx.bank, chosen), rob_ex, f"robustness {share:.0%}")
-        out.append({"irrelevant_share": share, "actual_share": n_irr / max(1, len(chosen)), "bank_docs": len(chosen), **scores})
+        out.append({"irrelevant_share": share, "actual_share": n_irr / max(1, len(chosen)), "bank_docs": len(chosen),
+                    **scores})
         ctx.say(f"robustness {share:.0%}: EM {out[-1]['em']:.1f}")
     return out

@@ -19,9 +19,9 @@ their answers are cached on disk per (LLM, profile, generation settings, prompt 
 Scores per row, each apart: official SQuAD EM/F1, containment of the gold answer, mean answer
 length in words, the papers' prefix-EM. Cost per row: stored bytes per document, prompt (prefill)
 positions and measured seconds per question (every row answers its first `--timing-questions`
-again, timed, without the cache: the same questions and batches for CMT and RAG). Sections: retention of the first documents' answers
-as the stream grows, robustness to irrelevant documents, retrieval recall@1/@5 of the trained keys
-against the untrained MiniLM mean-pooled embedding and BM25.
+again, timed, without the cache: the same questions and batches for CMT and RAG). Sections: retention
+of the first documents' answers as the stream grows, robustness to irrelevant documents, retrieval
+recall@1/@5 of the trained keys against the untrained MiniLM mean-pooled embedding and BM25.
 Writes <out>/report.json, <out>/report.md (with the command line) and PNG plots.
 """
 
@@ -58,16 +58,16 @@ from trainer.eval_retrieval import _recall, bm25_top, retrieval_recall
 from trainer.eval_rows import EvalContext, ablation_rows, baseline_rows, cmt_rows, examples_section, rag_rows
 from trainer.eval_sections import cost_section, irrelevant_pool, retention_section, robustness_section
 from trainer.prediction_cache import DEFAULT_CACHE_DIR, PredictionCache
+from trainer.service_eval import evaluate_service
 
 TIMING_QUESTIONS = 32
 ROW_GROUPS = ("baselines", "rag", "cmt", "ablations")
 """Groups of report rows: no memory + gold paragraph, RAG, CMT (top-k and whole bank), ablations."""
-from trainer.service_eval import evaluate_service
 
 __all__ = [  # the trainer, the benchmarks and the tests import these from here
-    "BATCH_SIZE", "MAX_NEW_TOKENS", "TIMING_QUESTIONS", "_recall", "answer_cmt", "answer_prompts", "bm25_top", "command_line",
-    "compress_bank", "evaluate_cmt", "fit_prompt", "generation_config", "irrelevant_pool", "load_context", "main",
-    "retrieval_recall", "run_evaluation", "write_report",
+    "BATCH_SIZE", "MAX_NEW_TOKENS", "TIMING_QUESTIONS", "_recall", "answer_cmt", "answer_prompts", "bm25_top",
+    "command_line", "compress_bank", "evaluate_cmt", "fit_prompt", "generation_config", "irrelevant_pool",
+    "load_context", "main", "retrieval_recall", "run_evaluation", "write_report",
 ]
 
 
@@ -91,7 +91,8 @@ def load_context(
         llm=llm, modules=modules, docs=list(test_docs), exs=examples(test_docs)[: max_questions or None], bank=bank,
         cmt_profile=cmt_profile, cache=cache, alpha=ckpt["metrics"].get("alpha", 0.0) if alpha is None else alpha,
         top_k=modules.config.aggregator.top_k, margin=modules.config.aggregator.recency_margin, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, progress=progress, timing_questions=timing_questions, timings={"bank_compress_seconds": time.perf_counter() - t},
+        max_new_tokens=max_new_tokens, progress=progress, timing_questions=timing_questions,
+        timings={"bank_compress_seconds": time.perf_counter() - t},
     )
     return ctx, ckpt
 
@@ -102,18 +103,20 @@ def report_header(ctx: EvalContext, checkpoint: str | Path, command: str | None)
             "top_k": ctx.top_k, "max_docs": ctx.modules.config.aggregator.max_docs, "recency_margin": ctx.margin,
             "prompt_profile": ctx.baseline_profile.name, "checkpoint_prompt_profile": ctx.cmt_profile.name,
             "prompt_profiles": {"baseline": ctx.baseline_profile.to_dict(), "checkpoint": ctx.cmt_profile.to_dict()},
-            "max_new_tokens": ctx.max_new_tokens, "stop_strings": list(ctx.cache.generation.stop_strings), "decoding": "greedy",
-            "batch_size": ctx.batch_size, "timing_questions": ctx.timing_sample, "device": str(ctx.llm.device), "torch_threads": torch.get_num_threads(),
+            "max_new_tokens": ctx.max_new_tokens, "stop_strings": list(ctx.cache.generation.stop_strings),
+            "decoding": "greedy", "batch_size": ctx.batch_size, "timing_questions": ctx.timing_sample,
+            "device": str(ctx.llm.device), "torch_threads": torch.get_num_threads(),
             "documents": len(ctx.docs), "questions": len(ctx.exs)}
 
 
 def run_evaluation(
-    llm: HFCausalLM, checkpoint: str | Path, test_docs: Sequence[dict[str, Any]], *, ablations: dict[str, str] | None = None,
-    max_questions: int = 0, retention_docs: int = 200, retention_multiples: Sequence[int] = (1, 2, 5, 10),
-    robustness_questions: int = 200, alpha: float | None = None, recency_margin: float | None = None, device: str = "cpu",
-    progress: bool = True, prompt_profile: str | PromptProfile | None = None, cache_dir: str | Path | None = None,
-    batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS, rag_k: Sequence[int] = (1, 3), command: str | None = None,
-    timing_questions: int = TIMING_QUESTIONS, rows: Sequence[str] = ROW_GROUPS,
+    llm: HFCausalLM, checkpoint: str | Path, test_docs: Sequence[dict[str, Any]], *,
+    ablations: dict[str, str] | None = None, max_questions: int = 0, retention_docs: int = 200,
+    retention_multiples: Sequence[int] = (1, 2, 5, 10), robustness_questions: int = 200, alpha: float | None = None,
+    recency_margin: float | None = None, device: str = "cpu", progress: bool = True,
+    prompt_profile: str | PromptProfile | None = None, cache_dir: str | Path | None = None,
+    batch_size: int = BATCH_SIZE, max_new_tokens: int = MAX_NEW_TOKENS, rag_k: Sequence[int] = (1, 3),
+    command: str | None = None, timing_questions: int = TIMING_QUESTIONS, rows: Sequence[str] = ROW_GROUPS,
 ) -> dict[str, Any]:
     """The full protocol on one test stream; returns the report dictionary. alpha, recency_margin and
     the prompt profile of the prompt-only rows default to the checkpoint's; cache_dir None = no disk cache.
@@ -123,12 +126,13 @@ def run_evaluation(
     if unknown:
         raise ValueError(f"unknown row groups {sorted(unknown)}; choose from {ROW_GROUPS}")
     t0 = time.perf_counter()
-    ctx, _ = load_context(llm, checkpoint, test_docs, max_questions=max_questions, alpha=alpha, recency_margin=recency_margin,
-                          prompt_profile=prompt_profile, cache_dir=cache_dir, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, timing_questions=timing_questions, device=device, progress=progress)
+    ctx, _ = load_context(llm, checkpoint, test_docs, max_questions=max_questions, alpha=alpha,
+                          recency_margin=recency_margin, prompt_profile=prompt_profile, cache_dir=cache_dir,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens, timing_questions=timing_questions,
+                          device=device, progress=progress)
     report = report_header(ctx, checkpoint, command)
-    groups = {"baselines": lambda: baseline_rows(ctx), "rag": lambda: rag_rows(ctx, rag_k), "cmt": lambda: cmt_rows(ctx),
-              "ablations": lambda: ablation_rows(ctx, ablations or {}, device)}
+    groups = {"baselines": lambda: baseline_rows(ctx), "rag": lambda: rag_rows(ctx, rag_k),
+              "cmt": lambda: cmt_rows(ctx), "ablations": lambda: ablation_rows(ctx, ablations or {}, device)}
     report["rows"] = [row for group in ROW_GROUPS if group in rows for row in groups[group]()]
     report["cost"] = cost_section(ctx)
     report["examples"] = examples_section(ctx)
@@ -148,29 +152,38 @@ def command_line(argv: Sequence[str] | None, program: str = "python -m trainer.e
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm", help="frozen LLM: directory, .gguf file, hub id or smollm2-135m-instruct (with --checkpoint: the local protocol rows)")
+    parser.add_argument("--llm", help="frozen LLM: directory, .gguf file, hub id or smollm2-135m-instruct "
+                                      "(with --checkpoint: the local protocol rows)")
     parser.add_argument("--checkpoint")
-    parser.add_argument("--service-url", help="also (or only) measure the CMT row through a running service at this URL")
+    parser.add_argument("--service-url",
+                        help="also (or only) measure the CMT row through a running service at this URL")
     parser.add_argument("--api-key", default=None, help="the service's write key (used for /documents and /ask)")
     parser.add_argument("--concurrency", type=int, default=8, help="questions in flight at once against the service")
-    parser.add_argument("--data", default="synthetic:3000", help='"synthetic[:entities]", "squad", "archivalqa" or a JSONL pattern with {split}')
+    parser.add_argument("--data", default="synthetic:3000",
+                        help='"synthetic[:entities]", "squad", "archivalqa" or a JSONL pattern with {split}')
     parser.add_argument("--split", default="test")
     parser.add_argument("--seed", type=int, default=0, help="synthetic stream seed (must match the training stream's)")
     parser.add_argument("--limit-docs", type=int, default=0)
-    parser.add_argument("--max-questions", type=int, default=0, help="ask only the first N questions of the stream (0 = all)")
+    parser.add_argument("--max-questions", type=int, default=0,
+                        help="ask only the first N questions of the stream (0 = all)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--alpha", type=float, default=None, help="memory-aware decoding α (default: the checkpoint's)")
     parser.add_argument("--recency-margin", type=float, default=None,
-                        help="newer reports within this key-score margin are selected first (default: the checkpoint's)")
+                        help="newer reports within this key-score margin are selected first "
+                             "(default: the checkpoint's)")
     parser.add_argument("--prompt-profile", choices=sorted(PROFILES), default=None,
                         help="profile of the prompt-only rows (no memory, gold, RAG); default: the checkpoint's")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="prediction cache of the prompt-only rows")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help="prediction cache of the prompt-only rows")
     parser.add_argument("--no-cache", action="store_true", help="keep predictions in memory only")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="questions per LLM batch, the same in every row")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="questions per LLM batch, the same in every row")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--timing-questions", type=int, default=TIMING_QUESTIONS,
-                        help="every row answers its first N questions again, timed, without the cache (0: time the answering pass)")
-    parser.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
+                        help="every row answers its first N questions again, timed, without the cache "
+                             "(0: time the answering pass)")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS),
+                        help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
     parser.add_argument("--retention-docs", type=int, default=200)
     parser.add_argument("--robustness-questions", type=int, default=200)
     parser.add_argument("--device", default="cpu")

@@ -19,7 +19,8 @@ from service.models.llm import HFCausalLM
 def export_checkpoint(source: Path, target: Path, llm: HFCausalLM, dtype: torch.dtype = torch.float16) -> Path:
     """Write `source`'s modules to `target` in `dtype`, with its metrics and profile; copy its train_log.json."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
-    save_checkpoint(target, modules, llm.identity, config.get("metrics"), prompt_profile=checkpoint_profile(config), dtype=dtype)
+    save_checkpoint(target, modules, llm.identity, config.get("metrics"), prompt_profile=checkpoint_profile(config),
+                    dtype=dtype)
     log = source.parent / "train_log.json"
     if log.is_file():
         shutil.copyfile(log, target / "train_log.json")

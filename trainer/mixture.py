@@ -93,7 +93,8 @@ def prefix_ids(source: str, docs: Sequence[dict[str, Any]]) -> list[dict[str, An
     """Copies of docs whose doc_id, question qids and entity carry "<source>/"."""
     out = []
     for d in docs:
-        d = {**d, "doc_id": f"{source}/{d['doc_id']}", "questions": [{**q, "qid": f"{source}/{q['qid']}"} for q in d.get("questions", [])]}
+        d = {**d, "doc_id": f"{source}/{d['doc_id']}",
+             "questions": [{**q, "qid": f"{source}/{q['qid']}"} for q in d.get("questions", [])]}
         if d.get("entity"):
             d["entity"] = f"{source}/{d['entity']}"
         out.append(d)
@@ -158,5 +159,6 @@ class Mixture:
 
     def describe(self) -> list[dict[str, Any]]:
         """Per source: weight, documents and questions (for the train log)."""
-        return [{"source": p.source, "weight": p.weight, "documents": len(self.docs[p.source]), "questions": len(self.examples[p.source])}
+        return [{"source": p.source, "weight": p.weight, "documents": len(self.docs[p.source]),
+                 "questions": len(self.examples[p.source])}
                 for p in self.parts]

@@ -116,19 +116,22 @@ def prompt_answer_ids(llm: HFCausalLM, prompts: Sequence[str], answers: Sequence
     ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
         ids[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
     return ids.to(llm.device), mask.to(llm.device), labels.to(llm.device)
 
 
-def answer_targets(llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None):
+def answer_targets(
+    llm: HFCausalLM, questions: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None
+):
     """The student's rows: the question alone (the memory comes as the prefix)."""
     profile = get_profile(profile)
     return prompt_answer_ids(llm, [profile.question_text(llm.tokenizer, q) for q in questions], answers)
 
 
 def teacher_targets(
-    llm: HFCausalLM, questions: Sequence[str], documents: Sequence[str], answers: Sequence[str], profile: PromptProfile | None = None
+    llm: HFCausalLM, questions: Sequence[str], documents: Sequence[str], answers: Sequence[str],
+    profile: PromptProfile | None = None,
 ):
     """The teacher's rows: the same LLM reading the gold paragraph in its prompt."""
     profile = get_profile(profile)
@@ -137,7 +140,8 @@ def teacher_targets(
 
 
 def distillation_loss(
-    student: torch.Tensor, student_labels: torch.Tensor, teacher: torch.Tensor, teacher_labels: torch.Tensor, temperature: float = 1.0
+    student: torch.Tensor, student_labels: torch.Tensor, teacher: torch.Tensor, teacher_labels: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(teacher ‖ student) per answer token (xRAG / PISCO): the memory path learns to make the LLM
     answer as it does when it reads the paragraph. student (B, n, V), teacher (B, n', V); labels mark
@@ -148,7 +152,9 @@ def distillation_loss(
     return kl * temperature**2
 
 
-def reconstruction_rows(llm: HFCausalLM, documents: Sequence[str], starts: Sequence[float] | None, cue: int, length: int):
+def reconstruction_rows(
+    llm: HFCausalLM, documents: Sequence[str], starts: Sequence[float] | None, cue: int, length: int
+):
     """Left-padded cue+target ids (B, n), mask (B, n), labels (B, n) with -100 outside the targets: a window
     of each document (cue tokens, then up to `length` tokens to produce), starting at starts[i] of the room
     left (documents shorter than the window give what they have)."""
@@ -165,19 +171,24 @@ def reconstruction_rows(llm: HFCausalLM, documents: Sequence[str], starts: Seque
     ids_t = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
         ids_t[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
     return ids_t.to(llm.device), mask.to(llm.device), labels.to(llm.device)
 
 
 def reconstruction_loss(
-    modules: CMTModules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor, batch: QABatch, config: ObjectiveConfig
+    modules: CMTModules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor, batch: QABatch,
+    config: ObjectiveConfig,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each gold document's window after its own memory's prefix; question (B, k, d_m)
     and memory (B, k, d_m) of the gold documents. Returns the loss and the LLM positions fed."""
     B = memory.shape[0]
-    prefix, has_memory = modules.prefix(question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm)
-    ids, mask, labels = reconstruction_rows(llm, batch.documents, batch.window_starts, config.reconstruct_cue_tokens, config.reconstruct_tokens)
+    prefix, has_memory = modules.prefix(
+        question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm
+    )
+    ids, mask, labels = reconstruction_rows(
+        llm, batch.documents, batch.window_starts, config.reconstruct_cue_tokens, config.reconstruct_tokens
+    )
     logits = llm.forward_logits(ids, mask, prefix, has_memory)  # (B, n, V)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     return loss, ids.numel() + B * prefix.length
@@ -264,7 +275,9 @@ def qa_objective(
                      reconstruct=reconstruct, tokens=tokens, answer_tokens=int((labels != -100).sum()))
 
 
-def contrastive_retrieval_loss(question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_retrieval_loss(
+    question_keys: torch.Tensor, bank_keys: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """InfoNCE: question_keys (B, d_m) against bank_keys (N, d_m), N >= B, gold of question i is row i."""
     logits = question_keys @ bank_keys.T / temperature  # (B, N)
     return F.cross_entropy(logits.float(), torch.arange(len(question_keys), device=logits.device))

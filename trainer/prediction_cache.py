@@ -66,8 +66,8 @@ class PredictionCache:
 
     Several caches (other profiles, other LLMs) share one sqlite file: the namespace is part of the key."""
 
-    def __init__(self, directory: str | Path | None, llm: HFCausalLM, profile: PromptProfile, generation: GenerationConfig,
-                 llm_identity: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: str | Path | None, llm: HFCausalLM, profile: PromptProfile,
+                 generation: GenerationConfig, llm_identity: dict[str, str] | None = None) -> None:
         self.directory = None if directory is None else Path(directory).expanduser()
         self.profile, self.generation = profile, generation
         self.llm_identity = llm_identity if llm_identity is not None else llm_cache_identity(llm)
@@ -92,7 +92,9 @@ class PredictionCache:
         k = self.key(prompt)
         found = self._memory.get(k)
         if found is None and self._db is not None:
-            row = self._db.execute("SELECT text, prompt_tokens, seconds FROM predictions WHERE key = ?", (k,)).fetchone()
+            row = self._db.execute(
+                "SELECT text, prompt_tokens, seconds FROM predictions WHERE key = ?", (k,)
+            ).fetchone()
             if row is not None:
                 found = self._memory[k] = CachedPrediction(row[0], int(row[1]), float(row[2]))
         if found is None:

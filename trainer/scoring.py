@@ -91,7 +91,7 @@ def aggregate(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dic
         raise ValueError("as many predictions as gold answer lists are needed")
     if not predictions:
         return {**{k: 0.0 for k in METRICS}, "answer_words": 0.0, "n": 0}
-    rows = [score(p, g) for p, g in zip(predictions, golds)]
+    rows = [score(p, g) for p, g in zip(predictions, golds, strict=True)]
     out: dict[str, float] = {k: 100.0 * sum(r[k] for r in rows) / len(rows) for k in METRICS}
     out["answer_words"] = sum(r["answer_words"] for r in rows) / len(rows)
     out["n"] = len(rows)

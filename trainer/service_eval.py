@@ -30,7 +30,8 @@ def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, An
     for _ in range(RETRIES - 1):
         if response.status_code != 503:
             break
-        time.sleep(min(5.0, float(response.headers.get("Retry-After", 1))))  # queue full or Redis briefly away: wait as told
+        # queue full or Redis briefly away: wait as told
+        time.sleep(min(5.0, float(response.headers.get("Retry-After", 1))))
         response = client.post(path, json=body)
     if response.status_code >= 400:
         raise ServiceEvalError(f"POST {path} answered {response.status_code}: {response.text[:500]}")
@@ -48,7 +49,8 @@ def stream_documents(client: httpx.Client, docs: Sequence[dict[str, Any]], batch
     start, memory_bytes, stored, status = time.perf_counter(), 0, 0, Counter()
     for i in range(0, len(docs), batch_size):
         body = {"documents": [
-            {"id": d["doc_id"], "text": d["text"], "title": d.get("title") or None, "published_at": _published_at(d.get("date"))}
+            {"id": d["doc_id"], "text": d["text"], "title": d.get("title") or None,
+             "published_at": _published_at(d.get("date"))}
             for d in docs[i : i + batch_size]
         ]}
         for result in _post(client, "/documents", body)["documents"]:
@@ -60,7 +62,9 @@ def stream_documents(client: httpx.Client, docs: Sequence[dict[str, Any]], batch
             "memory_bytes_per_doc": memory_bytes / max(1, stored), "status": dict(status)}
 
 
-def ask_all(client: httpx.Client, exs: Sequence[QAExample], concurrency: int = 8, **ask: Any) -> tuple[list[str], list[float]]:
+def ask_all(
+    client: httpx.Client, exs: Sequence[QAExample], concurrency: int = 8, **ask: Any
+) -> tuple[list[str], list[float]]:
     """Answers and client-side latencies (ms), questions sent `concurrency` at a time (the service batches them)."""
 
     def one(e: QAExample) -> tuple[str, float]:

@@ -114,7 +114,9 @@ class TrainConfig:
     init_from: str = ""
     """Start Θ/ψ/π from this checkpoint's weights (same shapes; the configs given here are used, so e.g.
     --aggregator.queries may change), with a fresh optimizer and schedule ("" = random initialisation)."""
-    compressor: CompressorConfig = field(default_factory=lambda: CompressorConfig(num_memory_tokens=8, lexical_key_weight=0.5))
+    compressor: CompressorConfig = field(
+        default_factory=lambda: CompressorConfig(num_memory_tokens=8, lexical_key_weight=0.5)
+    )
     """Θ (service.models.config.CompressorConfig); the trainer starts with k=8 memory tokens and a lexical key
     weight of 0.5: without it the dense key confuses invented names that share pieces."""
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
@@ -122,7 +124,9 @@ class TrainConfig:
     recency_margin is only recorded for inference (training selects by score with the gold forced in)."""
     aligner: AlignerConfig = field(default_factory=lambda: AlignerConfig(prefix_len=8, hidden_dim=256))
     """π (AlignerConfig); the trainer starts with p=8 prefix positions and a 256-wide bottleneck."""
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(self_match_weight=0.1, contrastive_weight=0.1))
+    objective: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig(self_match_weight=0.1, contrastive_weight=0.1)
+    )
     """Loss terms (trainer.objectives.ObjectiveConfig); the trainer weighs self-matching and the contrastive
     key loss 0.1 each. objective.alpha is also recorded as the checkpoint's inference α."""
 
@@ -152,7 +156,7 @@ def train(
     valid_docs: Sequence[dict] | None = None,
 ) -> dict[str, Any]:
     """Train; returns the log (also written to <out>/train_log.json). Data and LLM may be passed in
-    (documents handed in form one source; config.data then only names it in the log)."""
+    (a document list handed in forms one source; the one not handed in is loaded from config.data/valid_data)."""
     run = setup(config, llm, train_docs, valid_docs)  # seed, device, out dir, frozen LLM, data
     state = load_state(run)  # <out>/last's trainer state when resuming, else None
     run.modules = build_or_resume_modules(run, state)  # Θ/ψ/π; drops documents Θ refuses; validation questions

@@ -43,12 +43,14 @@ class CachedBackbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         valid = attention_mask.bool()  # (B, L)
-        keys = [tuple(ids[m].tolist()) for ids, m in zip(input_ids, valid)]
+        keys = [tuple(ids[m].tolist()) for ids, m in zip(input_ids, valid, strict=True)]
         missing = sorted({i for i, k in enumerate(keys) if k not in self.cache})
         if missing:
             rows = torch.tensor(missing, device=input_ids.device)  # (M,)
             with torch.no_grad():
-                hidden = self.inner(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).last_hidden_state  # (M, L, d)
+                hidden = self.inner(
+                    input_ids=input_ids[rows], attention_mask=attention_mask[rows]
+                ).last_hidden_state  # (M, L, d)
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = hidden[j][valid[i]].detach()  # (L_i, d)
         B, L = input_ids.shape
@@ -127,6 +129,8 @@ def build_qa_batch(
         answers=[e.answers[0] for e in batch],
         timestamps=torch.tensor([e.timestamp for e in batch], dtype=torch.float64),  # (B,)
         distractors=[docs[d]["text"] for d in extra],
-        distractor_timestamps=torch.tensor([timestamp(docs[d].get("date")) for d in extra], dtype=torch.float64),  # (len(extra),)
+        distractor_timestamps=torch.tensor(
+            [timestamp(docs[d].get("date")) for d in extra], dtype=torch.float64
+        ),  # (len(extra),)
         window_starts=[rng.random() for _ in batch],  # drawn last: the distractors stay those of earlier runs
     )

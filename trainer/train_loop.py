@@ -27,6 +27,7 @@ from service.models.llm import HFCausalLM
 from service.models.prompts import PROFILES, PromptProfile
 from trainer.cli_config import flatten
 from trainer.data import QAExample
+from trainer.eval_answer import evaluate_cmt
 from trainer.mixture import Mixture
 from trainer.objectives import qa_objective
 from trainer.train_batches import (
@@ -92,7 +93,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def setup(config: TrainConfig, llm: HFCausalLM | None, train_docs: Sequence[dict] | None, valid_docs: Sequence[dict] | None) -> Run:
+def setup(
+    config: TrainConfig, llm: HFCausalLM | None, train_docs: Sequence[dict] | None, valid_docs: Sequence[dict] | None
+) -> Run:
     """Seed, device, output folder, the frozen LLM (loaded unless given) and the data (loaded unless given)."""
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -100,7 +103,8 @@ def setup(config: TrainConfig, llm: HFCausalLM | None, train_docs: Sequence[dict
     out.mkdir(parents=True, exist_ok=True)
     llm = llm or HFCausalLM.from_pretrained(config.llm, device=device, dtype=getattr(torch, config.llm_dtype))
     limit = config.train_limit or None
-    train = Mixture.from_docs(train_docs, limit) if train_docs is not None else Mixture.load(config.data, "train", config.seed, limit)
+    train = (Mixture.from_docs(train_docs, limit) if train_docs is not None
+             else Mixture.load(config.data, "train", config.seed, limit))
     valid = (Mixture.from_docs(valid_docs) if valid_docs is not None
              else Mixture.load(config.valid_data or config.data, config.valid_split, config.seed))
     if not train.num_questions():
@@ -157,7 +161,8 @@ def build_or_resume_modules(run: Run, state: dict[str, Any] | None) -> CMTModule
     run.log["data"] = {"train": run.train.describe(), "valid": run.valid.describe(),
                        "dropped_too_long": {"train": dropped_train, "valid": dropped_valid}}
     if state is None and not config.init_from:  # a checkpoint to start from brings its own IDF
-        texts = [d["text"] for d in run.train.documents] + [e.question for exs in run.train.examples.values() for e in exs]
+        texts = ([d["text"] for d in run.train.documents]
+                 + [e.question for exs in run.train.examples.values() for e in exs])
         modules.compressor.fit_lexical_idf(texts)
     if state is None:
         modules = modules.to(run.device)
@@ -180,7 +185,9 @@ def init_weights(modules: CMTModules, checkpoint: str, llm: HFCausalLM) -> None:
 # ---- optimizer and schedule -------------------------------------------------------------------------------
 
 
-def make_optimizer(run: Run, state: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    run: Run, state: dict[str, Any] | None
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW; linear warmup then cosine decay to 5% over all epochs (max_steps/max_seconds only cut the run
     short, so a stopped run resumes on the same schedule); both restored when resuming."""
     config = run.config
@@ -189,7 +196,9 @@ def make_optimizer(run: Run, state: dict[str, Any] | None) -> tuple[torch.optim.
     steps_per_epoch = math.ceil(len(make_batches(epoch0, config.batch_size, random.Random(0))) / config.grad_accum)
     total = steps_per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup)) * max(0.05, 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        opt,
+        lambda s: min(1.0, (s + 1) / max(1, config.warmup))
+        * max(0.05, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))),
     )
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -222,7 +231,8 @@ def train_epoch(run: Run, epoch: int) -> bool:
     docs_by_id = run.docs_by_id
     doc_ids = list(docs_by_id)
     objective = config.objective
-    bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch}", disable=not config.progress, mininterval=2, leave=False)
+    bar = tqdm(total=len(batches), initial=run.batch, desc=f"epoch {epoch}", disable=not config.progress, mininterval=2,
+               leave=False)
     window: list[dict[str, float]] = []
     tick = time.perf_counter()
     for b in range(run.batch, len(batches)):
@@ -243,7 +253,8 @@ def train_epoch(run: Run, epoch: int) -> bool:
         bar.set_postfix(loss=f"{run.log['steps'][-1]['loss']:.3f}", qa=f"{run.log['steps'][-1]['qa']:.3f}")
         if config.ckpt_every and run.step % config.ckpt_every == 0:
             save_last(run, epoch, b + 1)
-        if (config.max_steps and run.step >= config.max_steps) or (config.max_seconds and time.perf_counter() - run.start > config.max_seconds):
+        if ((config.max_steps and run.step >= config.max_steps)
+                or (config.max_seconds and time.perf_counter() - run.start > config.max_seconds)):
             run.stopped_at = (epoch, b + 1)
             break
     bar.close()
@@ -299,15 +310,11 @@ def valid_answer_loss(run: Run) -> tuple[float, int]:
 def validate(run: Run, epoch: int) -> None:
     """EM/F1/recall@1 of the streamed validation and the valid answer loss; the best by (EM, F1, -loss),
     so that a run whose EM stays 0 still keeps its best reader rather than its start."""
-    from trainer.evaluate import (
-        evaluate_cmt,  # late import: evaluate is the heavier module
-    )
-
     config = run.config
     top_k = config.aggregator.top_k if config.objective.use_top_k else None
     with use_cached_backbone(run.modules, run.cache):
-        result = evaluate_cmt(run.modules, run.llm, run.valid.documents, run.valid_ex, alpha=config.objective.alpha, top_k=top_k,
-                              profile=run.profile)
+        result = evaluate_cmt(run.modules, run.llm, run.valid.documents, run.valid_ex, alpha=config.objective.alpha,
+                              top_k=top_k, profile=run.profile)
     run.modules.train()
     loss, answer_tokens = valid_answer_loss(run)
     entry = {"epoch": epoch, "step": run.step, **{k: result[k] for k in ("em", "f1", "prefix_em", "recall_at_1", "n")},
@@ -315,7 +322,8 @@ def validate(run: Run, epoch: int) -> None:
     key = (entry["em"], entry["f1"], -loss)
     entry["is_best"] = run.best is None or key > run.best  # equal keys: the earlier one stays
     run.log["valid"].append(entry)
-    tqdm.write(f"epoch {epoch}: valid EM {entry['em']:.1f} F1 {entry['f1']:.1f} loss {loss:.4f} recall@1 {entry['recall_at_1']:.1f}"
+    tqdm.write(f"epoch {epoch}: valid EM {entry['em']:.1f} F1 {entry['f1']:.1f} loss {loss:.4f} "
+               f"recall@1 {entry['recall_at_1']:.1f}"
                + (" (best)" if entry["is_best"] else ""))
     if entry["is_best"]:
         run.best = key
@@ -334,10 +342,12 @@ def save_best(run: Run, extra: dict[str, Any]) -> None:
 def save_last(run: Run, epoch: int, batch: int) -> None:
     """<out>/last: the modules and all a resumed run needs (optimizer, schedule, data position, RNG)."""
     last = run.out / "last"
-    save_checkpoint(last, run.modules, run.llm.identity, {"step": run.step, "alpha": run.config.objective.alpha}, prompt_profile=run.profile)
+    save_checkpoint(last, run.modules, run.llm.identity, {"step": run.step, "alpha": run.config.objective.alpha},
+                    prompt_profile=run.profile)
     run.log["seconds"] = time.perf_counter() - run.start
     torch.save(
-        {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step, "epoch": epoch, "batch": batch,
+        {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "step": run.step, "epoch": epoch,
+         "batch": batch,
          "best": list(run.best) if run.best is not None else None, "log": run.log, "torch_rng": torch.get_rng_state(),
          "py_rng": random.getstate(), "config": asdict(run.config)},
         last / STATE_FILE,

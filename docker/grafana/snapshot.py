@@ -56,7 +56,7 @@ def free_port() -> int:
 def paragraphs() -> list[str]:
     if SQUAD.is_file():
         with gzip.open(SQUAD, "rt") as fh:
-            return [json.loads(line)["text"] for _, line in zip(range(3000), fh)]
+            return [json.loads(line)["text"] for _, line in zip(range(3000), fh, strict=False)]
     return [f"News item {i}: the river rose {i % 7} metres at station {i}." for i in range(3000)]
 
 
@@ -105,8 +105,10 @@ def queries() -> dict[str, list[tuple[str, str]]]:
     out = {}
     for p in board["panels"]:
         if p.get("targets"):
-            out[p["title"]] = [(t["expr"].replace("$__rate_interval", "10s").replace("$instance", ".+"), t["legendFormat"])
-                               for t in p["targets"]]
+            out[p["title"]] = [
+                (t["expr"].replace("$__rate_interval", "10s").replace("$instance", ".+"), t["legendFormat"])
+                for t in p["targets"]
+            ]
     return out
 
 
@@ -125,7 +127,7 @@ def plot(series: dict, out: Path, t0: float) -> None:
     from matplotlib.ticker import EngFormatter
 
     fig, axes = plt.subplots(4, 2, figsize=(11, 11), constrained_layout=True)
-    for ax, (key, title, unit) in zip(axes.flat, PANELS):
+    for ax, (key, title, unit) in zip(axes.flat, PANELS, strict=True):
         for name, xs, ys in series[key]:
             ax.plot([x - t0 for x in xs], ys, label=name, lw=1.2)
         ax.set_title(title, fontsize=10)
@@ -161,7 +163,8 @@ def main() -> None:
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [{"job_name": "cmt", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
     }))
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{pport}", "--log.level=warn"])
     try:
         time.sleep(3)

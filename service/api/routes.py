@@ -13,8 +13,16 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import AskDep, IngestDep, State, StoreDep, require_read_key, require_write_key
 from service.api.schemas import (
-    AskIn, AskOut, DocumentList, DocumentOut, DocumentResult, DocumentsIn, DocumentsOut, DocumentSummary,
-    ErrorOut, Source,
+    AskIn,
+    AskOut,
+    DocumentList,
+    DocumentOut,
+    DocumentResult,
+    DocumentsIn,
+    DocumentsOut,
+    DocumentSummary,
+    ErrorOut,
+    Source,
 )
 from service.errors import NotFoundError
 from service.runtime.questions import AskRequest, SourceRef
@@ -65,7 +73,9 @@ async def ask(body: AskIn, questions: AskDep):
     if not body.stream:
         return AskOut.model_validate(await questions.answer(request), from_attributes=True)
     sources, pieces = await questions.stream(request)
-    return StreamingResponse(_events(sources, pieces), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        _events(sources, pieces), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _events(sources: list[SourceRef], pieces: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -68,18 +68,25 @@ class AskIn(Strict):
     question: str = Field(min_length=1)
     top_k: int | None = Field(None, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
-    alpha: float | None = Field(None, ge=0.0, le=10.0, description="Memory-aware decoding weight; default: the α the checkpoint was trained with")
-    temperature: float | None = Field(None, ge=0.01, le=5.0, description="Sample at this temperature; greedy when absent")
+    alpha: float | None = Field(
+        None, ge=0.0, le=10.0,
+        description="Memory-aware decoding weight; default: the α the checkpoint was trained with",
+    )
+    temperature: float | None = Field(
+        None, ge=0.01, le=5.0, description="Sample at this temperature; greedy when absent"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     stop: list[Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
-        None, max_length=4, description='Generation stops at the first of these strings (e.g. ["\\n"]); the answer excludes it'
+        None, max_length=4,
+        description='Generation stops at the first of these strings (e.g. ["\\n"]); the answer excludes it',
     )
     filters: SearchFilters | None = None
     recency_margin: float | None = Field(
         None, ge=0.0, le=2.0,
-        description="Prefer newer reports: each pick is the newest document scoring within this margin of the best one left "
-                    "(a later report supersedes an earlier one on the same fact); 0 = by score alone; default: the checkpoint's",
+        description="Prefer newer reports: each pick is the newest document scoring within this margin of the best "
+                    "one left (a later report supersedes an earlier one on the same fact); 0 = by score alone; "
+                    "default: the checkpoint's",
     )
     stream: bool = False
 

@@ -9,8 +9,8 @@ prefix has the same length p, so batching costs only left padding of the prompts
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -73,7 +73,9 @@ class AskService:
             raise InvalidInputError(f"top_k must be between 1 and {limit}, got {top_k}")
         max_new = self.settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         if not 1 <= max_new <= self.settings.max_new_tokens:
-            raise InvalidInputError(f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}")
+            raise InvalidInputError(
+                f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}"
+            )
         alpha = self.engine.default_alpha if alpha is None else alpha
         margin = self.engine.modules.config.aggregator.recency_margin if recency_margin is None else recency_margin
         if not 0 <= margin <= 2:
@@ -107,7 +109,9 @@ class AskService:
         """
         ordered = [hits_newest_first(row) for row in hits]  # recency rank 0 = newest
         ids = sorted({h.id for row in ordered for h in row})
-        stored = dict(zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version)))
+        stored = dict(
+            zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version), strict=True)
+        )
         kept = [[h for h in row if stored.get(h.id) is not None] for row in ordered]
         B, K = len(kept), max((len(r) for r in kept), default=0)
         k, d_m = self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim
@@ -147,7 +151,7 @@ class AskService:
             t["aggregate"] = t["align"] = 0.0
         gens = self.engine.generate(questions, prefix, has_memory.to(self.engine.modules.device), items[0].generation)
         lap("generate")
-        return [AskResult(g, h, dict(t), len(items)) for g, h in zip(gens, hits)]
+        return [AskResult(g, h, dict(t), len(items)) for g, h in zip(gens, hits, strict=True)]
 
     def stream_one(self, item: AskItem) -> tuple[list[SearchHit], Iterator[str]]:
         """Sources, then the answer's text pieces as they are generated (server-sent events)."""

@@ -11,40 +11,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from service.errors import OverloadedError
 
-I = TypeVar("I")
-O = TypeVar("O")
+ItemT = TypeVar("ItemT")
+"""What a request submits, one per model-call input."""
+ResultT = TypeVar("ResultT")
+"""What `fn` returns per item, in the same order."""
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Request(Generic[I, O]):
-    items: list[I]
-    future: asyncio.Future[list[O]]
+class _Request(Generic[ItemT, ResultT]):
+    items: list[ItemT]
+    future: asyncio.Future[list[ResultT]]
 
 
-class MicroBatcher(Generic[I, O]):
+class MicroBatcher(Generic[ItemT, ResultT]):
     def __init__(
         self,
-        fn: Callable[[list[I]], list[O]],
+        fn: Callable[[list[ItemT]], list[ResultT]],
         *,
         name: str,
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
-        group_key: Callable[[I], Hashable] | None = None,
+        group_key: Callable[[ItemT], Hashable] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.fn, self.name = fn, name
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.group_key = group_key
         self.on_batch = on_batch
-        self._pending: list[_Request[I, O]] = []
+        self._pending: list[_Request[ItemT, ResultT]] = []
         self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -58,7 +61,7 @@ class MicroBatcher(Generic[I, O]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
-    async def submit(self, items: Sequence[I]) -> list[O]:
+    async def submit(self, items: Sequence[ItemT]) -> list[ResultT]:
         if self._closing:
             raise OverloadedError(f"the {self.name} queue is shutting down; retry on another replica")
         if self._queued_items + len(items) > self.max_queue:
@@ -66,18 +69,18 @@ class MicroBatcher(Generic[I, O]):
                 f"the {self.name} queue is full ({self._queued_items} queued, limit {self.max_queue}); retry shortly",
                 details={"retry_after_s": 1},
             )
-        request: _Request[I, O] = _Request(list(items), asyncio.get_running_loop().create_future())
+        request: _Request[ItemT, ResultT] = _Request(list(items), asyncio.get_running_loop().create_future())
         self._pending.append(request)
         self._queued_items += len(items)
         self._wakeup.set()
         return await request.future
 
-    def _take_batch(self) -> list[_Request[I, O]]:
+    def _take_batch(self) -> list[_Request[ItemT, ResultT]]:
         """Requests for the next call: up to max_batch items, of one group when grouping."""
-        batch: list[_Request[I, O]] = []
+        batch: list[_Request[ItemT, ResultT]] = []
         size = 0
         key = self.group_key(self._pending[0].items[0]) if self.group_key else None
-        rest: list[_Request[I, O]] = []
+        rest: list[_Request[ItemT, ResultT]] = []
         for req in self._pending:
             same = key is None or self.group_key(req.items[0]) == key  # type: ignore[misc]
             if same and (not batch or size + len(req.items) <= self.max_batch):
@@ -124,12 +127,12 @@ class MicroBatcher(Generic[I, O]):
                 offset += len(req.items)
 
     @staticmethod
-    def _resolve(req: _Request[I, O], results: list[O]) -> None:
+    def _resolve(req: _Request[ItemT, ResultT], results: list[ResultT]) -> None:
         if not req.future.done():
             req.future.set_result(results)
 
     @staticmethod
-    def _fail(req: _Request[I, O]) -> None:
+    def _fail(req: _Request[ItemT, ResultT]) -> None:
         import sys
 
         exc = sys.exc_info()[1]

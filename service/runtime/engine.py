@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -42,10 +42,12 @@ class Engine:
     """How the checkpoint asks its LLM (recorded at training time); its stop strings end every answer."""
 
     @classmethod
-    def load(cls, settings: Settings) -> "Engine":
+    def load(cls, settings: Settings) -> Engine:
         """The LLM and the checkpoint the settings name (by default SmolLM2 and the shipped checkpoint)."""
         start = time.perf_counter()
-        llm = HFCausalLM.from_pretrained(settings.llm, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir)
+        llm = HFCausalLM.from_pretrained(
+            settings.llm, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir
+        )
         checkpoint = settings.checkpoint  # a missing or foreign one is refused with a message naming both LLMs
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))

@@ -20,13 +20,13 @@ from service.runtime.engine import Engine
 from service.settings import Settings
 from service.storage.base import DocumentInput, MemoryStore, MemoryWrite, PutResult, content_hash
 
-Compressed1 = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp16
+CompressedDoc = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp16
 
 
-def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, Compressed1]:
-    def compress(texts: list[str]) -> list[Compressed1]:
+def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, CompressedDoc]:
+    def compress(texts: list[str]) -> list[CompressedDoc]:
         out = engine.compress(texts)
-        return list(zip(out.memory.unbind(0), out.key.unbind(0)))
+        return list(zip(out.memory.unbind(0), out.key.unbind(0), strict=True))
 
     return MicroBatcher(
         compress,
@@ -46,7 +46,7 @@ def _ignore(*_: object) -> None:
 class IngestService:
     engine: Engine
     store: MemoryStore
-    batcher: MicroBatcher[str, Compressed1]
+    batcher: MicroBatcher[str, CompressedDoc]
     settings: Settings
     on_documents: Callable[[int, Sequence[str] | None], None] = _ignore
     """Called per request with its document count and each document's status (None = rejected)."""
@@ -89,13 +89,13 @@ class IngestService:
         # Same id + same text + same compressor: nothing to compress and nothing to write.
         meta = await run_in_threadpool(self.store.get_docs_meta, [d.id for d in docs], ["hash", "cv", "version"])
         unchanged = {
-            d.id: int(m[2] or 1) for d, m in zip(docs, meta) if m[0] == content_hash(d.text) and m[1] == cv
+            d.id: int(m[2] or 1) for d, m in zip(docs, meta, strict=True) if m[0] == content_hash(d.text) and m[1] == cv
         }
         todo = [d for d in docs if d.id not in unchanged]
         written: dict[str, PutResult] = {}
         if todo:
             compressed = await self.batcher.submit([d.text for d in todo])
-            writes = [MemoryWrite(d, mem, key) for d, (mem, key) in zip(todo, compressed)]
+            writes = [MemoryWrite(d, mem, key) for d, (mem, key) in zip(todo, compressed, strict=True)]
             results = await run_in_threadpool(self.store.put_many, writes, cv)
             written = {r.id: r for r in results}
         size = self.engine.memory_value_bytes(cv)  # what an unchanged document's stored value holds

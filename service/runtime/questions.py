@@ -102,4 +102,7 @@ class QuestionService:
 
     def sources(self, hits: list[SearchHit]) -> list[SourceRef]:
         titles = self.store.get_docs_meta([h.id for h in hits], ["title"]) if hits else []
-        return [SourceRef(h.id, (t[0] or None) if t else None, round(h.score, 6)) for h, t in zip(hits, titles)]
+        return [
+            SourceRef(h.id, (t[0] or None) if t else None, round(h.score, 6))
+            for h, t in zip(hits, titles, strict=True)
+        ]

@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
-import logging
 import subprocess
 import threading
 import time
@@ -193,7 +193,9 @@ class EmbeddedRedis:
     def supervise(self, max_backoff_s: float = 5.0) -> EmbeddedRedis:
         """Watch a server this object started and start it again whenever it dies (no-op otherwise)."""
         if self.proc is not None and self._supervisor is None:
-            self._supervisor = threading.Thread(target=self._watch, args=(max_backoff_s,), name="embedded-redis", daemon=True)
+            self._supervisor = threading.Thread(
+                target=self._watch, args=(max_backoff_s,), name="embedded-redis", daemon=True
+            )
             self._supervisor.start()
         return self
 
@@ -206,7 +208,9 @@ class EmbeddedRedis:
             code = proc.wait()
             if self._stopping.is_set():
                 return
-            log.error("embedded redis-server (pid %d) exited with %s; restarting it from %s", proc.pid, code, self.data_dir)
+            log.error(
+                "embedded redis-server (pid %d) exited with %s; restarting it from %s", proc.pid, code, self.data_dir
+            )
             if proc.stderr is not None:
                 proc.stderr.close()
             while not self._stopping.is_set():

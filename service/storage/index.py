@@ -157,7 +157,7 @@ class VectorIndex:
                     rows = scores = None
             if rows is None:
                 rows, scores = st.search_exact(q, kk, mask)
-            return [st.hit(int(r), float(s)) for r, s in zip(rows, scores)]
+            return [st.hit(int(r), float(s)) for r, s in zip(rows, scores, strict=True)]
 
     def _query(self, query: np.ndarray | torch.Tensor) -> np.ndarray:
         if isinstance(query, torch.Tensor):

@@ -115,7 +115,7 @@ class IndexState:
             self.alive[r] = False
             self.n_alive -= 1
             self.cv_counts[self.cv_name[self.cv[r]]] -= 1
-    
+
     def snapshot_alive(self) -> IndexState:
         """A compact copy holding only live rows (no HNSW yet)."""
         new = IndexState()

@@ -52,11 +52,13 @@ KEY_LAYOUT_VERSION = "v1"
 _META_FIELDS = (b"cv", b"source", b"published", b"received")
 
 
-def _opt(v: str | None) -> str:
+def _optional_script_arg(v: str | None) -> str:
+    """An optional string field as the write scripts read it: "0" for None, "1" + the value otherwise."""
     return "0" if v is None else "1" + v
 
 
-def _s(b: bytes | None) -> str | None:
+def _decode_optional(b: bytes | None) -> str | None:
+    """A hash field as read back: None when absent, else its UTF-8 text."""
     return None if b is None else b.decode("utf-8")
 
 
@@ -182,7 +184,8 @@ class RedisMemoryStore(StreamAndAdminMixin):
             for doc, value, _ in chunk:
                 keys += [self.doc_key(doc.id), self.mem_key(doc.id)]
                 pub = "" if doc.published_at is None else str(to_us(doc.published_at))
-                args += [doc.id, content_hash(doc.text), doc.text, _opt(doc.title), _opt(doc.source),
+                args += [doc.id, content_hash(doc.text), doc.text,
+                         _optional_script_arg(doc.title), _optional_script_arg(doc.source),
                          pub, str(to_us(doc.received_at)), value]  # type: ignore[arg-type]
             with self._guard("put_many"):
                 out = self._put(keys=keys, args=args)
@@ -209,7 +212,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         with self._guard("delete"):
             out = self._delete(keys=keys, args=[self.stream_maxlen, len(ids), *ids])
         existed = [bool(x) for x in out]
-        self._notify([], [i for i, e in zip(ids, existed) if e])
+        self._notify([], [i for i, e in zip(ids, existed, strict=True) if e])
         return existed
 
     def update_memories(
@@ -236,7 +239,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
             with self._guard("update_memories"):
                 out = [x.decode() for x in self._update(keys=keys, args=args)]
             statuses += out
-            updated = [c[0] for c, st in zip(chunk, out) if st == "updated"]
+            updated = [c[0] for c, st in zip(chunk, out, strict=True) if st == "updated"]
             if updated:
                 self._notify([e for e in self.fetch_index_entries(updated).values() if e is not None], [])
         return statuses
@@ -250,8 +253,8 @@ class RedisMemoryStore(StreamAndAdminMixin):
         return DocumentRecord(
             id=h[b"id"].decode(),
             text=h[b"text"].decode(),
-            title=_s(h.get(b"title")),
-            source=_s(h.get(b"source")),
+            title=_decode_optional(h.get(b"title")),
+            source=_decode_optional(h.get(b"source")),
             published_at=None if pub is None else from_us(int(pub)),
             received_at=from_us(int(h[b"received"])),
             content_hash=h[b"hash"].decode(),
@@ -278,7 +281,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         with self._guard("get_memories"):
             values = self._r.mget([self.mem_key(i) for i in ids])
         out: list[StoredMemory | None] = []
-        for doc_id, value in zip(ids, values):
+        for doc_id, value in zip(ids, values, strict=True):
             if value is None:
                 out.append(None)
                 continue
@@ -369,19 +372,19 @@ class RedisMemoryStore(StreamAndAdminMixin):
             id=doc_id,
             key=p.key,  # (d_m,)
             compressor_version=p.compressor_version,
-            source=_s(source),
+            source=_decode_optional(source),
             published_at=None if pub is None else from_us(int(pub)),
             received_at=from_us(int(received)) if received is not None else from_us(0),
         )
 
     def get_docs_meta(self, ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
-        """Selected hash fields of several docs, one pipeline (used by reindex)."""
+        """Selected hash fields of several docs (None where absent), one pipeline: reindex, ingest, /ask sources."""
         with self._guard("get_docs_meta"):
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
                 pipe.hmget(self.doc_key(i), list(fields))
             rows = pipe.execute()
-        return [[_s(v) for v in row] for row in rows]
+        return [[_decode_optional(v) for v in row] for row in rows]
 
     def close(self) -> None:
         try:

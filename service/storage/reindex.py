@@ -73,7 +73,7 @@ def _reindex_batch(
     bar: tqdm,
 ) -> None:
     rows = store.get_docs_meta(ids, ["cv", "hash", "text"])
-    todo = [(i, h, t) for i, (cv, h, t) in zip(ids, rows) if cv is not None and cv != version]
+    todo = [(i, h, t) for i, (cv, h, t) in zip(ids, rows, strict=True) if cv is not None and cv != version]
     stats.total += len(ids)
     stats.skipped += sum(1 for cv, _, _ in rows if cv == version)
     stats.gone += sum(1 for cv, _, _ in rows if cv is None)

@@ -33,7 +33,8 @@ def send_traffic(base: str, rounds: int = 3) -> None:
                      "title": f"t{i}", "source": "wire"} for i in range(4)]
             assert c.post("/documents", json={"documents": docs}).status_code == 200
             assert c.post("/documents", json={"documents": docs[:1]}).status_code == 200
-            assert c.post("/documents", json={"documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}).status_code == 422
+            duplicate = {"documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]}
+            assert c.post("/documents", json=duplicate).status_code == 422
             assert c.post("/ask", json={"question": f"How high did the Varn rise in round {r}?"}).status_code == 200
             assert c.post("/ask", json={"question": "Anything?", "stream": True}).status_code == 200
             assert c.post("/ask", json={"question": ""}).status_code == 422

@@ -37,7 +37,7 @@ def stages(text: str) -> list[list[str]]:
     """Instructions of each stage (continuation lines joined, comments dropped)."""
     lines = re.sub(r"\\\n", " ", text).splitlines()
     out: list[list[str]] = []
-    for line in (l.strip() for l in lines):
+    for line in (raw.strip() for raw in lines):
         if not line or line.startswith("#"):
             continue
         if line.upper().startswith("FROM "):

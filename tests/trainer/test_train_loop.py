@@ -43,7 +43,8 @@ def test_best_is_chosen_by_em_then_f1_then_lowest_loss(tmp_path, bpe_tokenizer, 
     llm = tiny_gpt2(bpe_tokenizer)
     losses = iter([5.0, 4.0, 6.0, 3.0, 3.5])
     monkeypatch.setattr(train_loop, "valid_answer_loss", lambda run: (next(losses), 1))
-    log = train(_config(tmp_path / "run", valid_questions=20, epochs=4), llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
+    log = train(_config(tmp_path / "run", valid_questions=20, epochs=4), llm=llm, train_docs=stream["train"],
+                valid_docs=stream["valid"])
     entries = log["valid"]
     assert [e["valid_loss"] for e in entries] == [5.0, 4.0, 6.0, 3.0, 3.5]
     assert all(e["em"] == 0 and e["f1"] == 0 for e in entries)
@@ -72,7 +73,8 @@ def test_documents_the_compressor_refuses_are_dropped_with_their_questions(tmp_p
     stream = synthetic_stream(STREAM)
     huge = {"doc_id": "huge", "title": "", "date": None, "text": "the river flows north " * 2000,
             "questions": [{"qid": "huge-q", "question": "Where does the river flow?", "answers": ["north"]}]}
-    log = train(_config(tmp_path / "run", max_steps=1), llm=tiny_gpt2(bpe_tokenizer), train_docs=[huge, *stream["train"]], valid_docs=[])
+    log = train(_config(tmp_path / "run", max_steps=1), llm=tiny_gpt2(bpe_tokenizer),
+                train_docs=[huge, *stream["train"]], valid_docs=[])
     assert log["data"]["dropped_too_long"] == {"train": 1, "valid": 0}
     assert log["data"]["train"][0]["documents"] == len(stream["train"])
 
@@ -91,7 +93,7 @@ def test_init_from_starts_a_run_from_a_checkpoints_weights_with_other_aggregator
     a, _ = load_checkpoint(tmp_path / "a" / "last", llm.identity, llm.layout)
     b, config = load_checkpoint(tmp_path / "b" / "last", llm.identity, llm.layout)
     assert config["cmt"]["aggregator"]["queries"] == "memories"
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), f"{name} was not copied (lr 0 keeps it)"
     with pytest.raises(ValueError, match="init-from"):
         _config(tmp_path / "c", init_from=str(tmp_path / "a" / "last"), resume=True)

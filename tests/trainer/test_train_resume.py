@@ -20,7 +20,8 @@ STREAM = SyntheticConfig(seed=1, num_entities=40, kinds=("city", "staff"), pool_
 
 def _config(out, **change) -> TrainConfig:
     config = TrainConfig(
-        out=str(out), epochs=2, batch_size=8, lr=1e-3, warmup=2, distractors=2, ckpt_every=1, progress=False, valid_questions=0,
+        out=str(out), epochs=2, batch_size=8, lr=1e-3, warmup=2, distractors=2, ckpt_every=1, progress=False,
+        valid_questions=0,
         compressor=CompressorConfig(num_memory_tokens=4, num_layers=1, num_heads=4, lexical_key_weight=0.5),
         aggregator=AggregatorConfig(top_k=1, max_docs=6, num_layers=1, num_heads=4),
         aligner=AlignerConfig(prefix_len=4, hidden_dim=32),
@@ -59,14 +60,16 @@ def test_resumed_run_matches_the_uninterrupted_run_step_for_step(tmp_path, bpe_t
     a, b = _weights(tmp_path / "full", llm), _weights(tmp_path / "cut", llm)
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-4), f"{name} differs after resuming: {(a[name] - b[name]).abs().max()}"
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-4), \
+            f"{name} differs after resuming: {(a[name] - b[name]).abs().max()}"
 
 
 def test_resume_without_saved_state_starts_from_scratch(tmp_path, bpe_tokenizer):
     torch.set_num_threads(1)
     stream = synthetic_stream(STREAM)
     llm = tiny_gpt2(bpe_tokenizer)
-    log = train(_config(tmp_path / "fresh", resume=True, max_steps=2), llm=llm, train_docs=stream["train"], valid_docs=[])
+    log = train(_config(tmp_path / "fresh", resume=True, max_steps=2), llm=llm, train_docs=stream["train"],
+                valid_docs=[])
     assert [s["step"] for s in log["steps"]] == [1, 2]
     assert (tmp_path / "fresh" / "last" / STATE_FILE).is_file()
 
@@ -75,9 +78,11 @@ def test_starting_point_is_validated_so_training_that_only_hurts_never_ships_wor
     torch.set_num_threads(1)
     stream = synthetic_stream(STREAM)
     llm = tiny_gpt2(bpe_tokenizer)
-    log = train(_config(tmp_path / "run", valid_questions=20, lr=0.3), llm=llm, train_docs=stream["train"], valid_docs=stream["valid"])
+    log = train(_config(tmp_path / "run", valid_questions=20, lr=0.3), llm=llm, train_docs=stream["train"],
+                valid_docs=stream["valid"])
     entries = log["valid"]
     assert [e["epoch"] for e in entries] == [-1, 0, 1] and entries[0]["step"] == 0
-    best = max(entries, key=lambda e: (e["em"], e["f1"], -e["valid_loss"]))  # the first of equals, as the trainer keeps it
+    # the first of equals, as the trainer keeps it
+    best = max(entries, key=lambda e: (e["em"], e["f1"], -e["valid_loss"]))
     assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["metrics"]["valid"] == best
 

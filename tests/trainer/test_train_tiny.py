@@ -39,8 +39,8 @@ def test_tiny_training_run_lowers_loss_and_beats_no_memory(tmp_path):
         lr=3e-3, warmup=10))
     llm = load_base_llm(tmp_path / "llm")
     config = TrainConfig(
-        out=str(tmp_path / "cmt"), epochs=4, batch_size=16, lr=1e-3, warmup=10, distractors=4, ckpt_every=0, progress=False,
-        valid_questions=60,
+        out=str(tmp_path / "cmt"), epochs=4, batch_size=16, lr=1e-3, warmup=10, distractors=4, ckpt_every=0,
+        progress=False, valid_questions=60,
         compressor=CompressorConfig(num_memory_tokens=8, num_layers=2, num_heads=4, lexical_key_weight=0.5),
         aggregator=AggregatorConfig(top_k=1, max_docs=8, num_layers=1, num_heads=4),
         aligner=AlignerConfig(prefix_len=8, hidden_dim=128),
@@ -70,7 +70,7 @@ def test_tiny_training_run_lowers_loss_and_beats_no_memory(tmp_path):
             served = evaluate_service(client, stream["test"], test, concurrency=8, max_new_tokens=MAX_NEW_TOKENS)
     finally:
         RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
-    same = sum(a == b for a, b in zip(served["predictions"], cmt["predictions"]))
+    same = sum(a == b for a, b in zip(served["predictions"], cmt["predictions"], strict=True))
     # fp16 memories in Redis and other batch shapes may flip a rare near-tie, nothing more
     assert same >= 0.95 * len(test), f"only {same}/{len(test)} served answers match the offline pipeline"
     assert served["em"] >= none_em + 10

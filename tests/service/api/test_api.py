@@ -69,7 +69,9 @@ def test_filters_restrict_sources(client):
 
 
 def test_request_filters_parse_into_the_one_filter_type_the_index_takes():
-    body = AskIn.model_validate({"question": "q", "filters": {"source": ["wire"], "published_from": "2024-02-01T00:00:00Z"}})
+    body = AskIn.model_validate(
+        {"question": "q", "filters": {"source": ["wire"], "published_from": "2024-02-01T00:00:00Z"}}
+    )
     assert isinstance(body.filters, SearchFilters) and body.filters.source == ("wire",)
     for bad in ({"source": []}, {"published_from": "2024-02-01T00:00:00"}, {"sources": ["wire"]}):  # naive time, typo
         with pytest.raises(ValidationError):

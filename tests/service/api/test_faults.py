@@ -74,13 +74,16 @@ def test_the_embedded_redis_killed_under_the_service_comes_back_by_itself(model_
     folder = tmp_path / "embedded"
     settings = make_settings(model_dirs, redis_url=None, data_dir=folder)
     with TestClient(create_app(settings)) as client:
-        assert client.post("/documents", json={"documents": [{"id": "a", "text": "The Varn river rose two metres."}]}).status_code == 200
+        first = {"documents": [{"id": "a", "text": "The Varn river rose two metres."}]}
+        assert client.post("/documents", json=first).status_code == 200
         os.kill(json.loads((folder / "server.json").read_text())["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200 or "cmt_embedded_redis_restarts_total 1.0" not in client.get("/metrics").text:
+        while (client.get("/readyz").status_code != 200
+               or "cmt_embedded_redis_restarts_total 1.0" not in client.get("/metrics").text):
             assert time.monotonic() < deadline, "the embedded Redis did not come back"
             time.sleep(0.1)
         assert client.get("/documents/a").status_code == 200  # acknowledged before the crash, back from the AOF
-        assert client.post("/documents", json={"documents": [{"id": "b", "text": "Snow fell in Oskel."}]}).status_code == 200
+        second = {"documents": [{"id": "b", "text": "Snow fell in Oskel."}]}
+        assert client.post("/documents", json=second).status_code == 200
         ask = client.post("/ask", json={"question": "How high did the Varn rise?", "top_k": 2})
         assert ask.status_code == 200 and {s["id"] for s in ask.json()["sources"]} == {"a", "b"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -12,8 +12,8 @@ from service.storage.index_state import SearchHit
 
 
 def _hit(doc_id: str, score: float, day: int, received_minute: int) -> SearchHit:
-    published = datetime(2026, 2, day, tzinfo=timezone.utc)
-    received = datetime(2026, 3, 1, 0, received_minute, tzinfo=timezone.utc)
+    published = datetime(2026, 2, day, tzinfo=UTC)
+    received = datetime(2026, 3, 1, 0, received_minute, tzinfo=UTC)
     return SearchHit(doc_id, score, "v1", None, published, received)
 
 

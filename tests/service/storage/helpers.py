@@ -30,7 +30,8 @@ def clustered_keys(n: int, d: int = D, seed: int = 0, n_clusters: int = 200, lat
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((latent, d)).astype(np.float32)  # (latent, d)
     centers = rng.standard_normal((n_clusters, latent)).astype(np.float32)  # (C, latent)
-    z = centers[rng.integers(0, n_clusters, n)] + 0.3 * rng.standard_normal((n, latent)).astype(np.float32)  # (n, latent)
+    # (n, latent)
+    z = centers[rng.integers(0, n_clusters, n)] + 0.3 * rng.standard_normal((n, latent)).astype(np.float32)
     x = z @ a + 0.5 * rng.standard_normal((n, d)).astype(np.float32)  # (n, d)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 

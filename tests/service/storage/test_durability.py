@@ -49,7 +49,7 @@ def check_consistent(store: RedisMemoryStore, acked: list[str]) -> None:
     assert store.version_counts() == {"v1": len(ids)}
     for start in range(0, len(acked), 200):
         batch = acked[start : start + 200]
-        for doc_id, sm in zip(batch, store.get_memories(batch)):
+        for doc_id, sm in zip(batch, store.get_memories(batch), strict=True):
             i = int(doc_id.split("-")[1])
             m, k = memory_for(i)
             assert sm is not None and torch.equal(sm.memory, m) and torch.equal(sm.key, k), doc_id

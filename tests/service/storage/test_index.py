@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-
 from pydantic import ValidationError
 
 from service.errors import InvalidInputError
@@ -24,7 +23,7 @@ def entries(keys: np.ndarray, *, prefix: str = "d", cv: str = "v1") -> list[Inde
 
 
 def recall(a: list[list[str]], b: list[list[str]]) -> float:
-    return float(np.mean([len(set(x) & set(y)) / max(len(y), 1) for x, y in zip(a, b)]))
+    return float(np.mean([len(set(x) & set(y)) / max(len(y), 1) for x, y in zip(a, b, strict=True)]))
 
 
 @pytest.fixture(scope="module")
