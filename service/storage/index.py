@@ -191,11 +191,12 @@ class VectorIndex:
             elif self._oplog is not None:  # a rebuild() is replacing every entry; it maintains when done
                 return
             else:
-                job = threading.Thread(target=self._maintenance_job, name="cmt-index-maintain", daemon=True)
-                self._job = job
                 self._oplog = []
                 snapshot = self._state.snapshot_alive()
-                job._snapshot = snapshot  # type: ignore[attr-defined]
+                job = threading.Thread(
+                    target=self._maintenance_job, args=(snapshot,), name="cmt-index-maintain", daemon=True
+                )
+                self._job = job
                 job.start()
         if wait:
             job.join()
@@ -234,8 +235,7 @@ class VectorIndex:
         self._maybe_maintain()
         return n
 
-    def _maintenance_job(self) -> None:
-        snapshot: IndexState = threading.current_thread()._snapshot  # type: ignore[attr-defined]
+    def _maintenance_job(self, snapshot: IndexState) -> None:
         try:
             self._swap_in(snapshot)
         except Exception:  # a failed rebuild must not take the serving state down
