@@ -69,7 +69,10 @@ class Aligner(nn.Module):
         x = torch.einsum("pk,bkd->bpd", self.token_mix, m_star)  # (B, p, d_m)
         h = self.in_proj(self.in_norm(x))  # (B, p, r)
         h = self.mlp(h[:, None] + self.layer_embedding[None, :, None])  # (B, l_n, p, r)
-        out = self.up_proj(h) * self.layer_gain[:, None] + self.layer_bias[:, None]  # (B, l_n, p, D)
+        out = self.up_proj(h)  # (B, l_n, p, D)
+        if self.config.mode == "embeddings" and self.config.output_rms > 0:  # the scale of a real token
+            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms
+        out = out * self.layer_gain[:, None] + self.layer_bias[:, None]  # (B, l_n, p, D)
         if self.config.mode == "embeddings":
             if llm is None:
                 raise InvalidInputError("an embeddings aligner needs the frozen LLM to turn its embeddings into K/V")

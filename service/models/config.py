@@ -135,8 +135,16 @@ class AlignerConfig:
     positions per question); its own layers then make the per-layer K/V, so every layer's prefix is
     in that layer's distribution from the start (ICAE / xRAG-style soft tokens)."""
 
+    output_rms: float = 0.0
+    """"embeddings" mode: each of the p embeddings is RMS-normalised to this value, typically the LLM's own
+    token-embedding RMS (0.133 for SmolLM2-135M), before its learned gain. Unnormalised π outputs grew to
+    30× the norm of a real token and turned into a constant prompt that ignores the memory. 0 = off
+    (checkpoints written before this field existed)."""
+
     def __post_init__(self) -> None:
         _check_positive(self, "prefix_len", "hidden_dim")
+        if not (self.output_rms >= 0 and math.isfinite(self.output_rms)):
+            raise InvalidInputError(f"AlignerConfig.output_rms must be a finite number >= 0, got {self.output_rms}")
         if self.mode not in ("kv", "embeddings"):
             raise InvalidInputError(f'AlignerConfig.mode must be "kv" or "embeddings", got {self.mode!r}')
 

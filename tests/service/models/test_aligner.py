@@ -59,3 +59,20 @@ def test_embeddings_aligner_prefix_comes_from_the_llm_and_trains_through_it(llm)
 def test_unknown_aligner_mode_is_refused():
     with pytest.raises(InvalidInputError, match="mode"):
         AlignerConfig(mode="adapter")
+
+
+def test_embeddings_get_the_scale_of_a_real_token_whatever_the_memory_scale(llm):
+    class Reader:  # the real LLM, remembering the embeddings π hands it
+        def prefix_from_embeddings(self, embeddings):
+            self.seen = embeddings
+            return llm.prefix_from_embeddings(embeddings)
+
+    reader = Reader()
+    config = AlignerConfig(prefix_len=5, hidden_dim=32, mode="embeddings", output_rms=0.13)
+    aligner = Aligner(config, llm.layout, memory_dim=384, num_memory_tokens=4)
+    for scale in (1e-3, 1.0, 1e3):
+        aligner(scale * torch.randn(2, 4, 384), reader)
+        rms = reader.seen.pow(2).mean(-1).sqrt()  # (B, p)
+        assert torch.allclose(rms, torch.full_like(rms, 0.13), rtol=1e-3)
+    with pytest.raises(InvalidInputError, match="output_rms"):
+        AlignerConfig(output_rms=-1.0)
