@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.storage.embedded import free_port
+from service.storage.embedded import free_port, wait_until_answers
 from tests.service.api.conftest import make_settings
 
 
@@ -20,15 +20,8 @@ def start_redis(port: int, data_dir) -> subprocess.Popen:
          "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
         stdout=subprocess.DEVNULL,
     )
-    import redis
-
-    for _ in range(100):
-        try:
-            if redis.Redis(port=port).ping():
-                return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+    wait_until_answers(f"redis://127.0.0.1:{port}/0", 30.0, proc)  # a loaded machine starts it slowly
+    return proc
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")

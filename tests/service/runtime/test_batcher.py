@@ -50,23 +50,31 @@ def test_a_failing_request_fails_alone_when_its_batch_is_retried():
 
 
 def test_full_queue_is_refused_with_overloaded_and_close_drains_what_was_queued():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
 
     def slow(items: list[int]) -> list[int]:
-        gate.wait(5)
+        started.set()
+        gate.wait(60)
         return items
+
+    async def until(condition) -> None:  # waits on a condition, not on the machine's speed
+        for _ in range(6000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not met within 60 s")
 
     async def main():
         b = MicroBatcher(slow, name="t", max_batch=1, max_wait_s=0, max_queue=2)
         b.start()
         first = asyncio.ensure_future(b.submit([1]))
-        await asyncio.sleep(0.05)  # the worker took item 1 and blocks on the gate
+        await until(started.is_set)  # the worker took item 1 and blocks on the gate
         queued = [asyncio.ensure_future(b.submit([i])) for i in (2, 3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.queue_depth == 2)
         with pytest.raises(OverloadedError, match="queue is full"):
             await b.submit([4])
         closing = asyncio.ensure_future(b.close())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # close() runs up to its first await: the batcher is closing
         with pytest.raises(OverloadedError, match="shutting down"):
             await b.submit([5])
         gate.set()

@@ -49,8 +49,10 @@ def test_recovers_without_restart_when_redis_is_back(tmp_path: Path) -> None:
         with pytest.raises(StorageUnavailableError):
             store.put_many([(doc(2), *memory_for(2))], "v1")
         assert idx.search(memory_for(1)[1], 1)[0].id == "doc-1"  # the index keeps serving
-        time.sleep(0.3)
-        assert idx.last_error is not None  # the follower noticed, and keeps retrying
+        t0 = time.monotonic()
+        while idx.last_error is None:  # the follower notices, and keeps retrying
+            assert time.monotonic() - t0 < 30.0, "the follower did not notice that Redis is gone"
+            time.sleep(0.02)
         server = EmbeddedRedis(data, port=port).start()  # same address, data reloaded from AOF
         rec = store.get("doc-1")  # same store object, stale pool connections replaced
         assert rec is not None and rec.text == "document number 1"
@@ -58,7 +60,7 @@ def test_recovers_without_restart_when_redis_is_back(tmp_path: Path) -> None:
         writer.put_many([(doc(3), *memory_for(3))], "v1")  # another replica's write reaches the index
         t0 = time.monotonic()
         while idx.search(memory_for(3)[1], 1)[0].id != "doc-3":
-            assert time.monotonic() - t0 < 5.0, "follower did not recover"
+            assert time.monotonic() - t0 < 30.0, "follower did not recover"
             time.sleep(0.02)
     finally:
         idx.close()
