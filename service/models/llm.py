@@ -147,7 +147,7 @@ class HFCausalLM:
         enc = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _inputs(
+    def prefill_inputs(
         self, attention_mask: torch.Tensor, prefix: KVPrefix | None, prefix_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
         """Full mask (B, p+n), prompt positions (B, n) and a fresh cache holding the prefix."""
@@ -180,7 +180,7 @@ class HFCausalLM:
         prefix_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, n, V) of the prompt tokens; gradients flow into the prefix (training)."""
-        full_mask, positions, cache = self._inputs(attention_mask, prefix, prefix_mask)
+        full_mask, positions, cache = self.prefill_inputs(attention_mask, prefix, prefix_mask)
         out = self.model(
             input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
@@ -195,7 +195,7 @@ class HFCausalLM:
         self.model.base_model(inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True)
         return KVPrefix.from_cache(cache)
 
-    def _choose(self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    def choose_token(self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
         """Next token (B,) from logits (B, V)."""
         if not config.do_sample:
             return logits.argmax(dim=-1)
@@ -237,7 +237,7 @@ class HFCausalLM:
             input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)  # (B', n)
             prefix = prefix.repeat(2)
             prefix_mask = torch.cat([prefix_mask.to(self.device), torch.zeros_like(prefix_mask, device=self.device)])
-        full_mask, positions, cache = self._inputs(attention_mask, prefix, prefix_mask)
+        full_mask, positions, cache = self.prefill_inputs(attention_mask, prefix, prefix_mask)
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -249,7 +249,7 @@ class HFCausalLM:
             ).logits[:, -1].float()  # (B', V)
             if two_pass:
                 logits = (1 + config.alpha) * logits[:B] - config.alpha * logits[B:]  # (B, V)
-            token = self._choose(logits, config, generator)  # (B,)
+            token = self.choose_token(logits, config, generator)  # (B,)
             yield token
             step_ids = (token.repeat(2) if two_pass else token)[:, None]  # (B', 1)
             full_mask = torch.cat([full_mask, full_mask.new_ones(full_mask.shape[0], 1)], dim=1)

@@ -1,0 +1,181 @@
+"""Continuous batching for the HF backend: requests join a running decode at the next token step
+and leave it the step they finish, each with its own KV prefix, prompt length, stop rule and α.
+
+Letters: R rows in the running batch (a request with α > 0 holds two: with its prefix and with the
+prefix masked out, mixed as (1+α)·l(y | M*, q) − α·l(y | q)), H_kv key/value heads, T cached
+positions (left-padded: every row's last position is the newest column), hd head width, V vocabulary.
+
+A joining request is prefilled alone (its prefix, its prompt), then its cache is left-padded (or the
+batch's is) to one length and concatenated along the batch. Padded columns are masked, and every row
+keeps its own position ids, so each row attends to exactly what it would attend to decoded alone.
+Synchronous and single-threaded: `ContinuousDecoder.step` is driven by one thread (the service's
+decode loop); `add` and `cancel` happen between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from service.models.llm import Generation, GenerationConfig, HFCausalLM, cut_at_stop
+from service.models.prefix import KVPrefix
+
+
+@dataclass
+class _Request:
+    rid: int
+    config: GenerationConfig
+    rows: int  # 1, or 2 with α (row 0 with the prefix, row 1 without)
+    prompt_tokens: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    reason: str | None = None
+
+
+@dataclass
+class Step:
+    """One request's token of one step; `done` is its Generation when this token ended it."""
+
+    rid: int
+    token: int
+    done: Generation | None = None
+
+
+class ContinuousDecoder:
+    def __init__(self, llm: HFCausalLM, max_rows: int = 64) -> None:
+        self.llm = llm
+        self.max_rows = max_rows
+        self._ids = itertools.count()
+        self._requests: list[_Request] = []  # in row order
+        self._keys: list[torch.Tensor] = []  # per layer (R, H_kv, T, hd)
+        self._values: list[torch.Tensor] = []
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=llm.device)  # (R, T)
+        self._next_pos = torch.zeros(0, dtype=torch.long, device=llm.device)  # (R,)
+        self._logits = torch.zeros(0, 0, device=llm.device)  # (R, V) next-token logits of every row
+
+    @property
+    def rows(self) -> int:
+        return len(self._mask)
+
+    @property
+    def active(self) -> list[int]:
+        return [r.rid for r in self._requests]
+
+    def can_take(self, config: GenerationConfig, has_prefix: bool) -> bool:
+        return self.rows + (2 if config.alpha > 0 and has_prefix else 1) <= self.max_rows
+
+    @torch.inference_mode()
+    def add(self, prompt: str, prefix: KVPrefix | None = None, config: GenerationConfig = GenerationConfig()) -> int:
+        """Prefill one request (prefix of batch 1 or None) and join it; its first token comes with the next step."""
+        two = config.alpha > 0 and prefix is not None
+        ids, mask = self.llm.encode([prompt] * (2 if two else 1))  # (r, n)
+        if prefix is not None:
+            prefix = prefix.repeat(2) if two else prefix
+        prefix_mask = torch.tensor([True, False] if two else [True], device=self.llm.device) if prefix is not None else None
+        full_mask, positions, cache = self.llm.prefill_inputs(mask, prefix, prefix_mask)
+        logits = self.llm.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (r, V)
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.llm.device).manual_seed(config.seed)
+        request = _Request(next(self._ids), config, 2 if two else 1, int(mask[0].sum()), generator)
+        self._join(request, cache, full_mask, positions[:, -1] + 1, logits)
+        return request.rid
+
+    def _join(self, request: _Request, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+              logits: torch.Tensor) -> None:
+        keys = [layer.keys for layer in cache.layers]  # (r, H_kv, T', hd)
+        values = [layer.values for layer in cache.layers]
+        if not self._requests:
+            self._keys, self._values, self._mask = keys, values, mask.long()
+            self._next_pos, self._logits = next_pos, logits
+        else:
+            T = max(self._mask.shape[1], mask.shape[1])
+            self._keys = [torch.cat([_left_pad(a, T), _left_pad(b, T)]) for a, b in zip(self._keys, keys, strict=True)]
+            self._values = [torch.cat([_left_pad(a, T), _left_pad(b, T)]) for a, b in zip(self._values, values, strict=True)]
+            self._mask = torch.cat([_left_pad_mask(self._mask, T), _left_pad_mask(mask.long(), T)])  # (R, T)
+            self._next_pos = torch.cat([self._next_pos, next_pos])
+            self._logits = torch.cat([self._logits, logits])
+        self._requests.append(request)
+
+    @torch.inference_mode()
+    def step(self) -> list[Step]:
+        """Every running request's next token (chosen from the logits in hand), then one forward of the
+        batch for the requests still running. Finished requests leave before that forward."""
+        if not self._requests:
+            return []
+        out, keep, row = [], [], 0
+        for request in self._requests:
+            logits = self._logits[row : row + request.rows]  # (rows, V)
+            if request.rows == 2:
+                logits = (1 + request.config.alpha) * logits[:1] - request.config.alpha * logits[1:]
+            token = int(self.llm.choose_token(logits, request.config, request.generator)[0])
+            done = self._advance(request, token)
+            out.append(Step(request.rid, token, done))
+            keep += [not done] * request.rows
+            row += request.rows
+        self._select(torch.tensor(keep, dtype=torch.bool, device=self._mask.device), [s.done is None for s in out])
+        if self._requests:
+            self._forward([s.token for s in out if s.done is None])
+        return out
+
+    def cancel(self, rid: int) -> None:
+        """Drop a request (a client that went away) before the next step."""
+        keep_requests = [r.rid != rid for r in self._requests]
+        keep_rows = [k for r, k in zip(self._requests, keep_requests, strict=True) for _ in range(r.rows)]
+        self._select(torch.tensor(keep_rows, dtype=torch.bool, device=self._mask.device), keep_requests)
+
+    def _advance(self, request: _Request, token: int) -> Generation | None:
+        """Append the token; the Generation if it ended the request (EOS, a stop string or the length)."""
+        tokenizer, config = self.llm.tokenizer, request.config
+        if token in self.llm.eos_ids:
+            request.reason = "eos"
+        else:
+            request.tokens.append(token)
+            if config.stop_strings:
+                _, stopped = cut_at_stop(tokenizer.decode(request.tokens, skip_special_tokens=True), config.stop_strings)
+                request.reason = "stop" if stopped else None
+            if request.reason is None and len(request.tokens) >= config.max_new_tokens:
+                request.reason = "length"
+        if request.reason is None:
+            return None
+        text, _ = cut_at_stop(tokenizer.decode(request.tokens, skip_special_tokens=True), config.stop_strings)
+        return Generation(text.strip(), request.tokens, request.reason, request.prompt_tokens)
+
+    def _select(self, rows: torch.Tensor, requests: list[bool]) -> None:
+        """Keep the given rows (R,) and requests; drop cache columns no row needs any more."""
+        self._requests = [r for r, k in zip(self._requests, requests, strict=True) if k]
+        self._mask, self._next_pos, self._logits = self._mask[rows], self._next_pos[rows], self._logits[rows]
+        self._keys = [k[rows] for k in self._keys]
+        self._values = [v[rows] for v in self._values]
+        if self._mask.numel():
+            start = int((self._mask.sum(0) > 0).long().argmax())  # first column some row attends to
+            if start:
+                self._mask = self._mask[:, start:]
+                self._keys = [k[:, :, start:] for k in self._keys]
+                self._values = [v[:, :, start:] for v in self._values]
+
+    def _forward(self, tokens: list[int]) -> None:
+        """One decode step of every running row: logits (R, V) for the next choice."""
+        ids = torch.tensor([t for r, t in zip(self._requests, tokens, strict=True) for _ in range(r.rows)],
+                           device=self._mask.device)[:, None]  # (R, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(self.rows, 1)], dim=1)  # (R, T+1)
+        cache = KVPrefix(self._keys, self._values).to_cache(self.llm.model.config)
+        logits = self.llm.model(input_ids=ids, attention_mask=self._mask, position_ids=self._next_pos[:, None],
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        self._keys = [layer.keys for layer in cache.layers]  # (R, H_kv, T+1, hd)
+        self._values = [layer.values for layer in cache.layers]
+        self._next_pos = self._next_pos + 1
+        self._logits = logits
+
+
+def _left_pad(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(r, H_kv, t, hd) → (r, H_kv, T, hd) with zeros in front (masked columns)."""
+    return torch.nn.functional.pad(x, (0, 0, T - x.shape[2], 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, T: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (T - mask.shape[1], 0))
