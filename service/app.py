@@ -16,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from service.api.errors import error_response, install_error_handlers
 from service.api.routes import router
 from service.metrics import Metrics, ServedModel
-from service.runtime.ask import AskService, make_ask_batcher
+from service.runtime.ask import AskService, make_ask_batcher, make_prepare_batcher
+from service.runtime.decode_loop import DecodeLoop
 from service.runtime.engine import Engine
 from service.runtime.ingest import IngestService, make_compress_batcher
 from service.runtime.questions import QuestionService
@@ -60,9 +61,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_documents=metrics.on_documents,
             )
             ask = AskService(engine, store, index, settings)
-            ask_batcher = make_ask_batcher(ask, settings, metrics.on_batch("ask"))
-            questions = QuestionService(ask, ask_batcher, store, on_answer=metrics.on_answer,
+            decode = None
+            if settings.continuous_batching:
+                decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue)
+            make = make_prepare_batcher if decode is not None else make_ask_batcher
+            ask_batcher = make(ask, settings, metrics.on_batch("ask"))
+            questions = QuestionService(ask, ask_batcher, store, decode, on_answer=metrics.on_answer,
                                         on_stream_token=metrics.on_stream_token)
+            if decode is not None:
+                decode.start()
             ingest.batcher.start()
             ask_batcher.start()
             app.state.cmt = AppState(settings, metrics, engine, store, index, ingest, ask, ask_batcher, questions)
@@ -70,12 +77,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine.compressor_version, str(engine.checkpoint_dir), engine.llm.identity.name_or_path,
                 str(engine.modules.device), settings.dtype, engine.load_seconds,
             )
-            metrics.bind(served, index=index, queues={"ingest": ingest.batcher, "ask": ask_batcher},
+            metrics.bind(served, index=index, queues={"ingest": ingest.batcher, "ask": ask_batcher,
+                                                        **({"decode": decode} if decode is not None else {})},
                          bank_stats=lambda sample: store.bank_stats(engine.memory_value_bytes, sample))
             log.info("ready: %d documents indexed", len(index))
             yield
             # Graceful shutdown: uvicorn has stopped accepting requests; queued work is finished.
             await ask_batcher.close()
+            if decode is not None:
+                await run_in_threadpool(decode.close)
             await ingest.batcher.close()
             index.close()
         finally:

@@ -13,6 +13,7 @@ The tree (when each is raised → its HTTP status and `code`; service.api.errors
     + CorruptMemoryError (service.storage.codec) - a stored value is no valid memory → 503 storage_corrupt + Retry-After
   x StaleMemoryError - memories of another compressor version (stale="raise") → 503 stale_memory
   x OverloadedError - a batcher queue is full or shutting down → 503 overloaded + Retry-After
+  x ModelError - the LLM failed while generating an answer → 500 model_error
 
 Each has a stable `code` and `http_status`; the body is `{"error": {"code", "message", "details"?}}` and
 5xx ones are logged. Outside the tree, the same module maps request validation errors to 422 invalid_input,
@@ -92,3 +93,10 @@ class OverloadedError(CMTError):
 
     code = "overloaded"
     http_status = 503
+
+
+class ModelError(CMTError):
+    """The frozen LLM failed while generating (a decode step raised); the question can be asked again."""
+
+    code = "model_error"
+    http_status = 500

@@ -62,7 +62,12 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(32, gt=0)
     """Documents compressed together in one Θ forward."""
     ask_batch_size: int = Field(8, gt=0)
-    """Questions answered together in one generate."""
+    """Questions prepared together (Θ, retrieval, ψ, π); without continuous batching also generated together."""
+    continuous_batching: bool = True
+    """Questions join the running decode at the next token step and leave it when they finish
+    (service.runtime.decode_loop); False = each batch of questions decodes to its end before the next."""
+    max_decode_rows: int = Field(64, gt=1)
+    """Rows of the continuous batch (a question with α and memory takes two)."""
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long a batcher waits for more work before running a partial batch."""
     max_queue: int = Field(256, gt=0)

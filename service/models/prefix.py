@@ -84,6 +84,10 @@ class KVPrefix:
                 f"{layout.num_layers} × {layout.num_kv_heads} × {layout.head_dim}"
             )
 
+    def row(self, b: int) -> "KVPrefix":
+        """Row b alone, as a prefix of batch 1."""
+        return KVPrefix([k[b : b + 1] for k in self.keys], [v[b : b + 1] for v in self.values])
+
     def repeat(self, times: int) -> "KVPrefix":
         """Stack the batch `times` over (rows i, B+i, … share a prefix): the α pass pairs."""
         return KVPrefix(

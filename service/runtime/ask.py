@@ -17,6 +17,7 @@ import torch
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
 from service.models.aggregator import newest_first, recency_candidates, select_recent
 from service.models.llm import Generation, GenerationConfig, cut_at_stop
+from service.models.prefix import KVPrefix
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
@@ -41,6 +42,16 @@ class AskResult:
     sources: list[SearchHit]
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+
+
+@dataclass
+class Prepared:
+    """A question ready to decode: its prompt, its prefix row (batch 1) or None, sources, stage timings."""
+
+    prompt: str
+    prefix: KVPrefix | None
+    sources: list[SearchHit]
+    timings_ms: dict[str, float]
 
 
 def hits_newest_first(hits: list[SearchHit]) -> list[SearchHit]:
@@ -123,8 +134,11 @@ class AskService:
                 mask[b, j] = True
         return memories, mask, kept
 
-    def answer_batch(self, items: list[AskItem]) -> list[AskResult]:
-        """All items share one GenerationConfig (the batcher groups by it)."""
+    def _prefix_batch(
+        self, items: list[AskItem]
+    ) -> tuple[KVPrefix | None, torch.Tensor, list[list[SearchHit]], dict[str, float]]:
+        """encode → retrieve → fetch → aggregate → align for a batch: the prefix (None when no row has
+        memory), has_memory (B,), the sources and the stage timings (ms)."""
         t: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -134,8 +148,7 @@ class AskService:
             t[stage] = 1e3 * (now - clock)
             clock = now
 
-        questions = [it.question for it in items]
-        q = self.engine.encode_questions(questions)  # memory (B, k, d_m), key (B, d_m)
+        q = self.engine.encode_questions([it.question for it in items])  # memory (B, k, d_m), key (B, d_m)
         lap("encode")
         hits = self._retrieve(q.key, items)
         lap("retrieve")
@@ -149,9 +162,24 @@ class AskService:
             lap("align")
         else:
             t["aggregate"] = t["align"] = 0.0
-        gens = self.engine.generate(questions, prefix, has_memory.to(self.engine.modules.device), items[0].generation)
-        lap("generate")
+        return prefix, has_memory, hits, t
+
+    def answer_batch(self, items: list[AskItem]) -> list[AskResult]:
+        """All items share one GenerationConfig (the batcher groups by it); generated as one batch."""
+        prefix, has_memory, hits, t = self._prefix_batch(items)
+        start = time.perf_counter()
+        gens = self.engine.generate([it.question for it in items], prefix, has_memory.to(self.engine.modules.device),
+                                    items[0].generation)
+        t["generate"] = 1e3 * (time.perf_counter() - start)
         return [AskResult(g, h, dict(t), len(items)) for g, h in zip(gens, hits, strict=True)]
+
+    def prepare_batch(self, items: list[AskItem]) -> list[Prepared]:
+        """Everything before generation, batched; each question then decodes in the continuous batch
+        with its own prefix row (None: no memory, the bare LLM answers)."""
+        prefix, has_memory, hits, t = self._prefix_batch(items)
+        prompts = self.engine.prompts([it.question for it in items])
+        rows = [prefix.row(b) if prefix is not None and bool(has_memory[b]) else None for b in range(len(items))]
+        return [Prepared(prompts[b], rows[b], hits[b], dict(t)) for b in range(len(items))]
 
     def stream_one(self, item: AskItem) -> tuple[list[SearchHit], Iterator[str]]:
         """Sources, then the answer's text pieces as they are generated (server-sent events)."""
@@ -180,6 +208,19 @@ class AskService:
                     return
 
         return hits[0], pieces()
+
+
+def make_prepare_batcher(service: AskService, settings: Settings, on_batch=None) -> MicroBatcher[AskItem, Prepared]:
+    """Continuous batching: questions are prepared in batches (any generation settings together), then
+    each joins the decode loop on its own."""
+    return MicroBatcher(
+        service.prepare_batch,
+        name="ask",
+        max_batch=settings.ask_batch_size,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        on_batch=on_batch,
+    )
 
 
 def make_ask_batcher(service: AskService, settings: Settings, on_batch=None) -> MicroBatcher[AskItem, AskResult]:

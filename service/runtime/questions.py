@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from service.runtime.ask import AskItem, AskResult, AskService
+from service.models.llm import cut_at_stop
+from service.runtime.ask import AskItem, AskResult, AskService, Prepared
 from service.runtime.batcher import MicroBatcher
+from service.runtime.decode_loop import DecodeLoop, Ticket
 from service.storage.base import MemoryStore, SearchFilters
 from service.storage.index import SearchHit
 
@@ -54,11 +56,18 @@ def _ignore(*_: object) -> None:
     return None
 
 
+def _ms_since(t: float | None) -> float:
+    return 0.0 if t is None else 1e3 * (time.perf_counter() - t)
+
+
 @dataclass
 class QuestionService:
     ask: AskService
-    batcher: MicroBatcher[AskItem, AskResult]
+    batcher: MicroBatcher[AskItem, AskResult] | MicroBatcher[AskItem, Prepared]
+    """Whole answers in batches; with `decode`, the stages before generation (make_prepare_batcher)."""
     store: MemoryStore
+    decode: DecodeLoop | None = None
+    """Continuous batching: each question joins the running decode at the next token step."""
     on_answer: Callable[[dict[str, float], int], None] = _ignore
     """Called with an answered question's timings (ms, "total" included) and its generated tokens."""
     on_stream_token: Callable[[float | None], None] = _ignore
@@ -74,31 +83,63 @@ class QuestionService:
     async def answer(self, request: AskRequest) -> Answered:
         item = self.item(request)
         start = time.perf_counter()
-        result = (await self.batcher.submit([item]))[0]
+        if self.decode is None:
+            result: AskResult = (await self.batcher.submit([item]))[0]
+            generation, hits, stages = result.generation, result.sources, result.timings_ms
+        else:
+            prepared: Prepared = (await self.batcher.submit([item]))[0]
+            ticket = self.decode.submit(prepared.prompt, prepared.prefix, item.generation)
+            try:
+                generation = await ticket.generation()
+            finally:
+                self.decode.cancel(ticket)  # a no-op once it finished; frees its rows if the caller went away
+            hits, stages = prepared.sources, {**prepared.timings_ms, "generate": _ms_since(ticket.started_at)}
         total = 1e3 * (time.perf_counter() - start)
         # "queue": waiting for a batch slot (and the rest of a batch) — what the stages do not explain.
-        timings = {**result.timings_ms, "queue": max(0.0, total - sum(result.timings_ms.values())), "total": total}
-        self.on_answer(timings, len(result.generation.token_ids))
-        sources = await run_in_threadpool(self.sources, result.sources)
-        return Answered(result.generation.text, result.generation.finish_reason, sources,
-                        {k: round(v, 3) for k, v in timings.items()})
+        timings = {**stages, "queue": max(0.0, total - sum(stages.values())), "total": total}
+        self.on_answer(timings, len(generation.token_ids))
+        sources = await run_in_threadpool(self.sources, hits)
+        rounded = {k: round(v, 3) for k, v in timings.items()}
+        return Answered(generation.text, generation.finish_reason, sources, rounded)
 
     async def stream(self, request: AskRequest) -> tuple[list[SourceRef], AsyncIterator[str]]:
-        """The sources, then the answer's text pieces as they are generated. The decode loop runs in
-        the thread pool one piece per step, so a client that goes away stops it at the next token."""
+        """The sources, then the answer's text pieces as they are generated. A client that goes away
+        stops its decoding at the next token (its rows leave the continuous batch, or the thread-pool
+        iteration of the batch path stops)."""
         item = self.item(request)
         start = time.perf_counter()
+        if self.decode is not None:
+            prepared: Prepared = (await self.batcher.submit([item]))[0]
+            ticket = self.decode.submit(prepared.prompt, prepared.prefix, item.generation)
+            return await run_in_threadpool(self.sources, prepared.sources), self._observed(self._pieces(ticket), start)
         hits, pieces = await run_in_threadpool(self.ask.stream_one, item)
-        sources = await run_in_threadpool(self.sources, hits)
+        return await run_in_threadpool(self.sources, hits), self._observed(iterate_in_threadpool(pieces), start)
 
-        async def observed() -> AsyncIterator[str]:
-            first = True
-            async for piece in iterate_in_threadpool(pieces):
-                self.on_stream_token(time.perf_counter() - start if first else None)
-                first = False
-                yield piece
+    async def _pieces(self, ticket: Ticket) -> AsyncIterator[str]:
+        llm = self.ask.engine.llm
+        tokens: list[int] = []
+        sent = ""
+        try:
+            async for token, _ in ticket.tokens():
+                if token in llm.eos_ids:
+                    return
+                tokens.append(token)
+                text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
+                text, stopped = cut_at_stop(text, ticket.config.stop_strings)
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+                if stopped:
+                    return
+        finally:
+            self.decode.cancel(ticket)
 
-        return sources, observed()
+    async def _observed(self, pieces: AsyncIterator[str], start: float) -> AsyncIterator[str]:
+        first = True
+        async for piece in pieces:
+            self.on_stream_token(time.perf_counter() - start if first else None)
+            first = False
+            yield piece
 
     def sources(self, hits: list[SearchHit]) -> list[SourceRef]:
         titles = self.store.get_docs_meta([h.id for h in hits], ["title"]) if hits else []

@@ -218,3 +218,28 @@ def test_recency_margin_lets_a_newer_report_on_the_same_fact_win_over_an_older_c
     assert [s["id"] for s in recent] == ["new"] and recent[0]["score"] < by_score[0]["score"]
     bad = client.post("/ask", json={**ask, "recency_margin": -0.1})
     assert bad.status_code == 422 and "recency_margin" in bad.text
+
+
+def test_continuous_batching_answers_as_the_batch_path_with_and_without_alpha(model_dirs):
+    texts = ["The Varn river rose two metres in Oskel.", "Snow fell on the pass above Lumen.",
+             "The mayor of Oskel is Ada Brin."]
+    docs = {"documents": [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)]}
+    questions = [{"question": "How high did the Varn rise?", "max_new_tokens": 6},
+                 {"question": "Who is the mayor?", "alpha": 0.5, "max_new_tokens": 5},
+                 {"question": "Where did snow fall?", "top_k": 2, "max_new_tokens": 3, "stop": ["."]}]
+    answers = {}
+    for continuous in (False, True):
+        settings = make_settings(model_dirs, continuous_batching=continuous)
+        try:
+            with TestClient(create_app(settings)) as c:
+                assert c.post("/documents", json=docs).status_code == 200
+                answers[continuous] = [c.post("/ask", json=q).json() for q in questions]
+                with c.stream("POST", "/ask", json={**questions[0], "stream": True}) as r:
+                    streamed = [line for line in r.iter_lines() if line.startswith("data:")]
+        finally:
+            RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+        pieces = "".join(json.loads(line[5:]).get("text", "") for line in streamed)
+        assert pieces.strip() == answers[continuous][0]["answer"], "the stream says what the answer says"
+    for batch, cont in zip(answers[False], answers[True], strict=True):
+        assert cont["answer"] == batch["answer"] and cont["sources"] == batch["sources"]
+        assert {"queue", "generate", "total"} <= set(cont["timings_ms"])
