@@ -6,7 +6,7 @@ Builds (once, cached in bench/.cache) a randomly initialised GPT-2-small-sized L
 768 wide) and an untrained default checkpoint (k=16, d_m=384, p=16), starts `cmt-serve` in a
 subprocess against the Redis at 127.0.0.1:6379, preloads a bank of --docs synthetic memories
 straight through the store (compressing 10^4 documents on 2 CPU cores would take ~9 minutes and
-measure nothing new), then drives the HTTP API with httpx. Writes bench/results/service.json.
+measure nothing new), then drives the HTTP API with httpx. Writes bench/results/service.json (--out).
 """
 
 from __future__ import annotations
@@ -119,6 +119,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--continuous-batching", choices=["on", "off"], default="on",
+                        help="questions join the running decode (on) or each batch decodes to its end (off)")
+    parser.add_argument("--skip-ingest", action="store_true", help="measure /ask only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
     args = parser.parse_args()
 
     llm_dir, ckpt = build_models()
@@ -131,7 +135,8 @@ def main() -> None:
     port = 8791
     env = {**os.environ, "CMT_REDIS_URL": REDIS, "CMT_BANK": "bench", "CMT_LLM": str(llm_dir),
            "CMT_CHECKPOINT": str(ckpt), "CMT_PORT": str(port), "CMT_ASK_BATCH_SIZE": "32",
-           "CMT_INGEST_BATCH_SIZE": "32"}
+           "CMT_INGEST_BATCH_SIZE": "32",
+           "CMT_CONTINUOUS_BATCHING": "true" if args.continuous_batching == "on" else "false"}
     server = subprocess.Popen([sys.executable, "-m", "service.cli"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -142,7 +147,8 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        result: dict = {"docs_in_bank": args.docs, "new_tokens": args.new_tokens, "ask": {}}
+        result: dict = {"docs_in_bank": args.docs, "new_tokens": args.new_tokens,
+                        "continuous_batching": args.continuous_batching, "ask": {}}
 
         def ask(w: int, n: int) -> tuple[str, dict]:
             question = f"What happened to the bridge in report {w}-{n}?"
@@ -155,6 +161,7 @@ def main() -> None:
             result["ask"][c] = {
                 "requests": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
                 "throughput_rps": len(lat) / wall, "stage_p50_ms": stages,
+                "queue_share_p50_pct": 100 * stages["queue"] / stages["total"],
                 "non_generate_share_p50_pct":
                     100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),
                 "memory_stages_share_p50_pct": 100 * statistics.median(
@@ -170,13 +177,14 @@ def main() -> None:
                      for j in range(8)]
             return "/documents", {"documents": batch}
 
-        lat, bodies, wall = asyncio.run(load(url, 4, args.seconds, docs))
-        n_docs = sum(len(b["documents"]) for b in bodies)
-        result["ingest"] = {"documents": n_docs, "docs_per_s": n_docs / wall, "clients": 4, "docs_per_request": 8,
-                            "p50_ms": pct(lat, 50), "raw_compressor_docs_per_s": raw,
-                            "share_of_raw_pct": 100 * n_docs / wall / raw}
-        print("ingest", json.dumps(result["ingest"]))
-        (ROOT / "bench" / "results" / "service.json").write_text(json.dumps(result, indent=2))
+        if not args.skip_ingest:
+            lat, bodies, wall = asyncio.run(load(url, 4, args.seconds, docs))
+            n_docs = sum(len(b["documents"]) for b in bodies)
+            result["ingest"] = {"documents": n_docs, "docs_per_s": n_docs / wall, "clients": 4, "docs_per_request": 8,
+                                "p50_ms": pct(lat, 50), "raw_compressor_docs_per_s": raw,
+                                "share_of_raw_pct": 100 * n_docs / wall / raw}
+            print("ingest", json.dumps(result["ingest"]))
+        args.out.write_text(json.dumps(result, indent=2))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

@@ -147,6 +147,8 @@ class ContinuousDecoder:
 
     def _select(self, rows: torch.Tensor, requests: list[bool]) -> None:
         """Keep the given rows (R,) and requests; drop cache columns no row needs any more."""
+        if all(requests):  # nobody left: no copy of the cache
+            return
         self._requests = [r for r, k in zip(self._requests, requests, strict=True) if k]
         self._mask, self._next_pos, self._logits = self._mask[rows], self._next_pos[rows], self._logits[rows]
         self._keys = [k[rows] for k in self._keys]
