@@ -63,9 +63,11 @@ class Settings(BaseSettings):
     """Documents compressed together in one Θ forward."""
     ask_batch_size: int = Field(8, gt=0)
     """Questions prepared together (Θ, retrieval, ψ, π); without continuous batching also generated together."""
-    continuous_batching: bool = True
+    continuous_batching: bool = False
     """Questions join the running decode at the next token step and leave it when they finish
-    (service.runtime.decode_loop); False = each batch of questions decodes to its end before the next."""
+    (service.runtime.decode_loop). Off by default until it is faster under load: on 2 CPU cores it halves
+    the queue share at 8 clients (27.6% → 12.7%) but loses 25% throughput at 32 (5.14 → 3.87 req/s), because
+    each joining question is prefilled alone (bench/results/service-continuous.json)."""
     max_decode_rows: int = Field(64, gt=1)
     """Rows of the continuous batch (a question with α and memory takes two)."""
     batch_wait_ms: float = Field(5.0, ge=0)
