@@ -67,25 +67,53 @@ class ContinuousDecoder:
     def can_take(self, config: GenerationConfig, has_prefix: bool) -> bool:
         return self.rows + (2 if config.alpha > 0 and has_prefix else 1) <= self.max_rows
 
-    @torch.inference_mode()
     def add(self, prompt: str, prefix: KVPrefix | None = None, config: GenerationConfig = GenerationConfig()) -> int:
         """Prefill one request (prefix of batch 1 or None) and join it; its first token comes with the next step."""
-        two = config.alpha > 0 and prefix is not None
-        ids, mask = self.llm.encode([prompt] * (2 if two else 1))  # (r, n)
-        if prefix is not None:
-            prefix = prefix.repeat(2) if two else prefix
-        prefix_mask = torch.tensor([True, False] if two else [True], device=self.llm.device) if prefix is not None else None
+        return self.add_many([(prompt, prefix, config)])[0]
+
+    @torch.inference_mode()
+    def add_many(self, requests: list[tuple[str, KVPrefix | None, GenerationConfig]]) -> list[int]:
+        """Prefill requests that join at the same step together: one forward per prefix length (a request
+        without memory rides along with a masked prefix, exactly as with none). Returns their ids."""
+        if not requests:
+            return []
+        lengths = {p.length for _, p, _ in requests if p is not None}
+        groups = {n: [i for i, (_, p, _) in enumerate(requests) if p is not None and p.length == n] for n in lengths}
+        bare = [i for i, (_, p, _) in enumerate(requests) if p is None]
+        if groups:
+            groups[min(groups)] += bare
+        else:
+            groups[0] = bare
+        rids: dict[int, int] = {}
+        for members in groups.values():
+            rids.update(zip(members, self._prefill([requests[i] for i in members]), strict=True))
+        return [rids[i] for i in range(len(requests))]
+
+    def _prefill(self, requests: list[tuple[str, KVPrefix | None, GenerationConfig]]) -> list[int]:
+        prompts, prefixes, flags, joined = [], [], [], []
+        template = next((p for _, p, _ in requests if p is not None), None)
+        for prompt, prefix, config in requests:
+            two = config.alpha > 0 and prefix is not None
+            prompts += [prompt] * (2 if two else 1)
+            if template is not None:  # no memory: the template's shape, masked out
+                prefixes += [prefix if prefix is not None else _zeros_like(template)] * (2 if two else 1)
+                flags += [True, False] if two else [prefix is not None]
+            generator = torch.Generator(device=self.llm.device).manual_seed(config.seed) if config.seed is not None else None
+            joined.append(_Request(next(self._ids), config, 2 if two else 1, 0, generator))
+        ids, mask = self.llm.encode(prompts)  # (r, n)
+        prefix = _stack(prefixes) if template is not None else None
+        prefix_mask = torch.tensor(flags, device=self.llm.device) if template is not None else None
         full_mask, positions, cache = self.llm.prefill_inputs(mask, prefix, prefix_mask)
         logits = self.llm.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (r, V)
-        generator = None
-        if config.seed is not None:
-            generator = torch.Generator(device=self.llm.device).manual_seed(config.seed)
-        request = _Request(next(self._ids), config, 2 if two else 1, int(mask[0].sum()), generator)
-        self._join(request, cache, full_mask, positions[:, -1] + 1, logits)
-        return request.rid
+        row = 0
+        for request in joined:
+            request.prompt_tokens = int(mask[row].sum())
+            row += request.rows
+        self._join(joined, cache, full_mask, positions[:, -1] + 1, logits)
+        return [r.rid for r in joined]
 
-    def _join(self, request: _Request, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
+    def _join(self, requests: list[_Request], cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor,
               logits: torch.Tensor) -> None:
         keys = [layer.keys for layer in cache.layers]  # (r, H_kv, T', hd)
         values = [layer.values for layer in cache.layers]
@@ -95,11 +123,12 @@ class ContinuousDecoder:
         else:
             T = max(self._mask.shape[1], mask.shape[1])
             self._keys = [torch.cat([_left_pad(a, T), _left_pad(b, T)]) for a, b in zip(self._keys, keys, strict=True)]
-            self._values = [torch.cat([_left_pad(a, T), _left_pad(b, T)]) for a, b in zip(self._values, values, strict=True)]
+            self._values = [torch.cat([_left_pad(a, T), _left_pad(b, T)])
+                            for a, b in zip(self._values, values, strict=True)]
             self._mask = torch.cat([_left_pad_mask(self._mask, T), _left_pad_mask(mask.long(), T)])  # (R, T)
             self._next_pos = torch.cat([self._next_pos, next_pos])
             self._logits = torch.cat([self._logits, logits])
-        self._requests.append(request)
+        self._requests += requests
 
     @torch.inference_mode()
     def step(self) -> list[Step]:
@@ -172,6 +201,16 @@ class ContinuousDecoder:
         self._values = [layer.values for layer in cache.layers]
         self._next_pos = self._next_pos + 1
         self._logits = logits
+
+
+def _zeros_like(prefix: KVPrefix) -> KVPrefix:
+    return KVPrefix([torch.zeros_like(k) for k in prefix.keys], [torch.zeros_like(v) for v in prefix.values])
+
+
+def _stack(prefixes: list[KVPrefix]) -> KVPrefix:
+    """Prefixes of batch 1 and one length → one prefix of their batch."""
+    return KVPrefix([torch.cat(ks) for ks in zip(*(p.keys for p in prefixes), strict=True)],
+                    [torch.cat(vs) for vs in zip(*(p.values for p in prefixes), strict=True)])
 
 
 def _left_pad(x: torch.Tensor, T: int) -> torch.Tensor:

@@ -114,8 +114,8 @@ class DecodeLoop:
                 while self._waiting and self.decoder.can_take(self._waiting[0].config,
                                                               self._waiting[0].prefix is not None):
                     joining.append(self._waiting.pop(0))
-            for ticket in joining:
-                self._join(ticket)
+            if joining:
+                self._join(joining)
             for rid, ticket in list(self._running.items()):
                 if ticket.cancelled:
                     self.decoder.cancel(rid)
@@ -132,14 +132,20 @@ class DecodeLoop:
                 if s.done is not None:
                     del self._running[s.rid]
 
-    def _join(self, ticket: Ticket) -> None:
-        ticket.started_at = time.perf_counter()
+    def _join(self, tickets: list[Ticket]) -> None:
+        """Prefill the questions that join at this step together (one forward per prefix length)."""
+        now = time.perf_counter()
+        for ticket in tickets:
+            ticket.started_at = now
         try:
-            ticket.rid = self.decoder.add(ticket.prompt, ticket.prefix, ticket.config)
-        except Exception as exc:  # noqa: BLE001 - this question fails, the others go on
-            ticket._put((None, exc))
+            rids = self.decoder.add_many([(t.prompt, t.prefix, t.config) for t in tickets])
+        except Exception as exc:  # noqa: BLE001 - these questions fail, the running ones go on
+            for ticket in tickets:
+                ticket._put((None, exc))
             return
-        self._running[ticket.rid] = ticket
+        for ticket, rid in zip(tickets, rids, strict=True):
+            ticket.rid = rid
+            self._running[rid] = ticket
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid, ticket in list(self._running.items()):

@@ -23,8 +23,9 @@ def _run(decoder: ContinuousDecoder, schedule: dict[int, list[tuple]]) -> dict[i
     """schedule: step number → requests (key, prompt, prefix, config) joining before that step."""
     rid_of, tokens, step = {}, {}, 0
     while step <= max(schedule) or decoder.active:
-        for key, prompt, prefix, config in schedule.get(step, []):
-            rid_of[decoder.add(prompt, prefix, config)] = key
+        joining = schedule.get(step, [])  # prefilled together: one forward per prefix length
+        for (key, *_), rid in zip(joining, decoder.add_many([tuple(r[1:]) for r in joining]), strict=True):
+            rid_of[rid] = key
         for s in decoder.step():
             if s.done is not None:
                 tokens[rid_of[s.rid]] = s.done.token_ids
@@ -36,11 +37,22 @@ def test_rows_joining_and_leaving_mid_decode_give_the_tokens_of_decoding_each_al
     configs = [GenerationConfig(max_new_tokens=n) for n in (6, 3, 9, 5)]
     configs[2] = GenerationConfig(max_new_tokens=9, alpha=0.7)  # α: a pair of rows that joins and leaves together
     requests = [(i, PROMPTS[i], _prefix(llm, i) if i != 1 else None, configs[i]) for i in range(4)]
-    schedule = {0: [requests[0]], 2: [requests[1], requests[2]], 7: [requests[3]]}  # 3 joins after 1 left
+    # step 2: a bare request and an α pair join in one prefill; 3 joins after 1 left
+    schedule = {0: [requests[0]], 2: [requests[1], requests[2]], 7: [requests[3]]}
     got = _run(ContinuousDecoder(llm), schedule)
     for key, prompt, prefix, config in requests:
         alone = llm.generate([prompt], prefix, None, config)[0]
         assert got[key] == alone.token_ids, f"request {key}"
+
+
+def test_requests_with_prefixes_of_two_lengths_and_none_join_in_one_step(llm):
+    configs = [GenerationConfig(max_new_tokens=5), GenerationConfig(max_new_tokens=7, alpha=0.3),
+               GenerationConfig(max_new_tokens=4), GenerationConfig(max_new_tokens=6)]
+    prefixes = [_prefix(llm, 0), _prefix(llm, 1), None, _prefix(llm, 3)]  # lengths 3, 4, none, 3
+    requests = [(i, PROMPTS[i], prefixes[i], configs[i]) for i in range(4)]
+    got = _run(ContinuousDecoder(llm), {0: requests})
+    for key, prompt, prefix, config in requests:
+        assert got[key] == llm.generate([prompt], prefix, None, config)[0].token_ids, f"request {key}"
 
 
 def test_sampling_with_a_seed_is_the_same_as_alone_and_a_cancelled_request_frees_its_rows(llm):
