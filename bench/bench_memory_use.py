@@ -4,6 +4,9 @@ Identical answers mean the prefix carries the question alone (a learned prompt),
 Two teacher-forced losses per condition are more sensitive than the answers: the gold answer's loss,
 and the loss of a window of the document continued from the prefix and an 8-token cue (the
 reconstruction warm-up's task, trainer.objectives). Lower with the gold memory = the memory is read.
+"spread" says where document differences die: relative std across documents of Θ's memories, of ψ's M*
+and of what π hands the LLM (its input embeddings, or the first layer's keys), and the RMS of those
+embeddings against the LLM's own token embeddings.
 
     .venv/bin/python bench/bench_memory_use.py --checkpoint models/smollm2-135m-instruct [--data archivalqa]
 
@@ -28,6 +31,38 @@ from trainer.data import examples, load_split
 from trainer.eval_answer import generation_config
 from trainer.objectives import answer_targets, reconstruction_rows
 from trainer.scoring import aggregate
+
+
+def relative_spread(x: torch.Tensor) -> float:
+    """Std across documents (dim 0) over mean magnitude: 0 = every document gives the same tensor."""
+    return (x.float().std(0).mean() / x.float().abs().mean()).item()
+
+
+class EmbeddingRecorder:
+    """The real LLM turning π's embeddings into K/V, keeping the embeddings it was handed."""
+
+    def __init__(self, llm: HFCausalLM) -> None:
+        self.llm, self.seen = llm, None
+
+    def prefix_from_embeddings(self, embeddings: torch.Tensor):
+        self.seen = embeddings
+        return self.llm.prefix_from_embeddings(embeddings)
+
+
+def spread(modules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor) -> dict[str, float]:
+    mask = torch.ones(len(memory), 1, dtype=torch.bool)
+    m_star = modules.aggregator(question, memory[:, None], mask)  # (n, k, d_m)
+    recorder = EmbeddingRecorder(llm)
+    prefix = modules.aligner(m_star, recorder)
+    out = {"memory": relative_spread(memory), "m_star": relative_spread(m_star)}
+    if recorder.seen is not None:
+        token_rms = llm.model.get_input_embeddings().weight.float().pow(2).mean(-1).sqrt().mean()
+        out["prefix_embeddings"] = relative_spread(recorder.seen)
+        rms = recorder.seen.float().pow(2).mean(-1).sqrt().mean()
+        out["prefix_embedding_rms_over_token_rms"] = (rms / token_rms).item()
+    else:
+        out["prefix_keys_layer0"] = relative_spread(prefix.keys[0])
+    return out
 
 
 def loss_per_token(llm: HFCausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix, has) -> float:
@@ -70,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             100.0 * sum(a == b for a, b in zip(answers["gold document"], v, strict=True)) / n
             for k, v in answers.items() if k != "gold document"}
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows,
-              **same}
+              **same, "spread_across_documents": spread(modules, llm, q.memory, gold)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"memory-use-{args.checkpoint.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -102,6 +102,17 @@ class LossTerms:
     """Answer tokens the QA loss averages over."""
 
 
+def left_padded(llm: HFCausalLM, rows: Sequence[list[int]], label_rows: Sequence[list[int]]):
+    """Token rows → left-padded ids (B, n), mask (B, n) and labels (B, n) (-100 on padding), on the LLM's device."""
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), llm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
+        ids[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
+    return ids.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+
+
 def prompt_answer_ids(llm: HFCausalLM, prompts: Sequence[str], answers: Sequence[str]):
     """Left-padded prompt+answer ids (B, n), mask (B, n), labels (B, n) with -100 outside answers.
     The answer ids are the same whatever the prompt, so two calls label the same tokens."""
@@ -112,13 +123,7 @@ def prompt_answer_ids(llm: HFCausalLM, prompts: Sequence[str], answers: Sequence
         target = tok(" " + a.strip())["input_ids"] + [tok.eos_token_id]
         rows.append(prompt + target)
         label_rows.append([-100] * len(prompt) + target)
-    n = max(map(len, rows))
-    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
-        ids[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
-    return ids.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+    return left_padded(llm, rows, label_rows)
 
 
 def answer_targets(
@@ -167,13 +172,7 @@ def reconstruction_rows(
         window = ids[at : at + cue + length]
         rows.append(window)
         label_rows.append([-100] * min(cue, len(window)) + window[cue:])
-    n = max(map(len, rows))
-    ids_t = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows, strict=True)):
-        ids_t[i, n - len(r) :], mask[i, n - len(r) :], labels[i, n - len(r) :] = torch.tensor(r), 1, torch.tensor(lab)
-    return ids_t.to(llm.device), mask.to(llm.device), labels.to(llm.device)
+    return left_padded(llm, rows, label_rows)
 
 
 def reconstruction_loss(

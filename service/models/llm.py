@@ -293,3 +293,22 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     """The text before the first stop string it contains, and whether one was found."""
     found = [text.find(s) for s in stop_strings if s in text]
     return (text[: min(found)], True) if found else (text, False)
+
+
+class TextPieces:
+    """Generated tokens → the text each one adds (what a stream sends), cut at the first stop string."""
+
+    def __init__(self, llm: LLMBackend, stop_strings: Sequence[str]) -> None:
+        self.llm, self.stop_strings = llm, stop_strings
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The new piece of text (may be "") and whether the answer is finished (EOS or a stop string)."""
+        if token in self.llm.eos_ids:
+            return "", True
+        self.tokens.append(token)
+        text, stopped = cut_at_stop(self.llm.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
+        piece = text[len(self.sent) :] if len(text) > len(self.sent) else ""
+        self.sent = max(self.sent, text, key=len)
+        return piece, stopped

@@ -16,7 +16,7 @@ import torch
 
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
 from service.models.aggregator import newest_first, recency_candidates, select_recent
-from service.models.llm import Generation, GenerationConfig, cut_at_stop
+from service.models.llm import Generation, GenerationConfig, TextPieces
 from service.models.prefix import KVPrefix
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
@@ -192,19 +192,12 @@ class AskService:
         steps = llm.stream(self.engine.prompts([item.question]), prefix, None, item.generation)
 
         def pieces() -> Iterator[str]:
-            tokens: list[int] = []
-            sent = ""
+            text = TextPieces(llm, item.generation.stop_strings)
             for token in steps:
-                t = int(token[0])
-                if t in llm.eos_ids:
-                    return
-                tokens.append(t)
-                text, stopped = cut_at_stop(llm.tokenizer.decode(tokens, skip_special_tokens=True),
-                                            item.generation.stop_strings)
-                if len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
-                if stopped:
+                piece, finished = text.add(int(token[0]))
+                if piece:
+                    yield piece
+                if finished:
                     return
 
         return hits[0], pieces()

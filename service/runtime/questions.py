@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from service.models.llm import cut_at_stop
+from service.models.llm import TextPieces
 from service.runtime.ask import AskItem, AskResult, AskService, Prepared
 from service.runtime.batcher import MicroBatcher
 from service.runtime.decode_loop import DecodeLoop, Ticket
@@ -116,20 +116,13 @@ class QuestionService:
         return await run_in_threadpool(self.sources, hits), self._observed(iterate_in_threadpool(pieces), start)
 
     async def _pieces(self, ticket: Ticket) -> AsyncIterator[str]:
-        llm = self.ask.engine.llm
-        tokens: list[int] = []
-        sent = ""
+        text = TextPieces(self.ask.engine.llm, ticket.config.stop_strings)
         try:
             async for token, _ in ticket.tokens():
-                if token in llm.eos_ids:
-                    return
-                tokens.append(token)
-                text = llm.tokenizer.decode(tokens, skip_special_tokens=True)
-                text, stopped = cut_at_stop(text, ticket.config.stop_strings)
-                if len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
-                if stopped:
+                piece, finished = text.add(token)
+                if piece:
+                    yield piece
+                if finished:
                     return
         finally:
             self.decode.cancel(ticket)
