@@ -216,7 +216,7 @@ def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k
     else:
         timing |= {"seconds_per_question": timing["seconds_when_answered_per_question"],
                    "timing": "measured now (Θ(question), selection, ψ, π and generation)"}
-    prefix = modules.config.aligner.prefix_len
+    prefix = modules.aligner.positions(ctx.llm)
     q_tokens = _mean(question_tokens(ctx.llm, profile, ctx.questions))
     return make_row(ctx, name, preds, profile=profile.name, stored_bytes_per_doc=ctx.cmt_bytes,
                     prompt_tokens=q_tokens + prefix, prompt_note=f"question tokens + {prefix} prefix positions",

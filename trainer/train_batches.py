@@ -41,6 +41,10 @@ class CachedBackbone(nn.Module):
         self.config = inner.config
         self.cache: dict[tuple[int, ...], torch.Tensor] = {}
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The frozen encoder's token embeddings (Θ's token pool mixes them)."""
+        return self.inner.get_input_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         valid = attention_mask.bool()  # (B, L)
         keys = [tuple(ids[m].tolist()) for ids, m in zip(input_ids, valid, strict=True)]

@@ -120,6 +120,10 @@ class Aggregator(nn.Module):
             CrossAttentionBlock(memory_dim, config.num_heads, config.dropout)
             for _ in range(config.num_layers)
         )
+        if config.identity_init:
+            nn.init.zeros_(self.slot_embedding)
+            for block in self.blocks:
+                block.zero_outputs()
         self.out_norm = nn.LayerNorm(memory_dim)
 
     def forward(

@@ -32,6 +32,8 @@ class EmbeddingReader(Protocol):
 
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> KVPrefix: ...
 
+    def text_embeddings(self, text: str) -> torch.Tensor: ...
+
 
 class Aligner(nn.Module):
     def __init__(self, config: AlignerConfig, layout: KVLayout, memory_dim: int, num_memory_tokens: int) -> None:
@@ -52,11 +54,23 @@ class Aligner(nn.Module):
         self.up_proj = nn.Linear(r, D)
         self.layer_gain = nn.Parameter(torch.ones(l_n, D))  # (l_n, D)
         self.layer_bias = nn.Parameter(torch.zeros(l_n, D))  # (l_n, D)
+        if config.residual:
+            if memory_dim != D:
+                raise InvalidInputError(f"a residual aligner needs memory_dim equal to the LLM's width {D}, got {memory_dim}")
+            nn.init.zeros_(self.up_proj.weight)  # starts as M* itself
+            nn.init.zeros_(self.up_proj.bias)
 
     @staticmethod
     def num_parameters_for(config: AlignerConfig, layout: KVLayout, memory_dim: int, num_memory_tokens: int) -> int:
         with torch.device("meta"):
             return sum(p.numel() for p in Aligner(config, layout, memory_dim, num_memory_tokens).parameters())
+
+    def positions(self, llm: EmbeddingReader | None = None) -> int:
+        """Prefix positions per layer the LLM attends to: p, plus the frame's tokens in "embeddings" mode."""
+        frame = [t for t in (self.config.lead_text, self.config.tail_text) if t]
+        if frame and llm is None:
+            raise InvalidInputError("counting a framed prefix's positions needs the LLM's tokenizer")
+        return self.config.prefix_len + sum(len(llm.text_embeddings(t)) for t in frame) if frame else self.config.prefix_len
 
     def forward(self, m_star: torch.Tensor, llm: EmbeddingReader | None = None) -> KVPrefix:
         """m_star (B, k, d_m) → KVPrefix with keys[l], values[l] of (B, H_kv, p, hd). The LLM is needed
@@ -70,13 +84,20 @@ class Aligner(nn.Module):
         h = self.in_proj(self.in_norm(x))  # (B, p, r)
         h = self.mlp(h[:, None] + self.layer_embedding[None, :, None])  # (B, l_n, p, r)
         out = self.up_proj(h)  # (B, l_n, p, D)
+        if self.config.residual:
+            out = out + x[:, None]  # (B, l_n, p, D)
         if self.config.mode == "embeddings" and self.config.output_rms > 0:  # the scale of a real token
             out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.output_rms
         out = out * self.layer_gain[:, None] + self.layer_bias[:, None]  # (B, l_n, p, D)
         if self.config.mode == "embeddings":
             if llm is None:
                 raise InvalidInputError("an embeddings aligner needs the frozen LLM to turn its embeddings into K/V")
-            return llm.prefix_from_embeddings(out[:, 0])  # out[:, 0]: (B, p, d_llm)
+            emb = out[:, 0]  # (B, p, d_llm)
+            lead, tail = self.config.lead_text, self.config.tail_text
+            if lead or tail:  # real tokens around the soft ones: (B, p + lead + tail, d_llm)
+                parts = [llm.text_embeddings(t).to(emb).expand(B, -1, -1) for t in (lead, tail)]
+                emb = torch.cat([parts[0], emb, parts[1]], dim=1)
+            return llm.prefix_from_embeddings(emb)
         l_n, H_kv, hd = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         kv = out.view(B, l_n, p, 2, H_kv, hd).permute(1, 3, 0, 4, 2, 5)  # (l_n, 2, B, H_kv, p, hd)
         return KVPrefix(keys=list(kv[:, 0].unbind(0)), values=list(kv[:, 1].unbind(0)))

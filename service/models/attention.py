@@ -31,6 +31,12 @@ class CrossAttentionBlock(nn.Module):
             nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width)
         )
 
+    def zero_outputs(self) -> None:
+        """Make the block the identity (both residual branches add 0) until training moves it."""
+        for layer in (self.out_proj, self.ffn[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
         """x (B, Q, d), ctx (B, C, d), ctx_mask (B, C) bool (True = attend) → (B, Q, d)."""
         B, Q, d = x.shape

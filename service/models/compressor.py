@@ -24,6 +24,7 @@ from service.models.attention import CrossAttentionBlock
 from service.models.config import DEFAULT_BACKBONE, CompressorConfig
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
+from service.models.token_pool import TokenPool
 
 
 def resolve_backbone(name: str) -> str:
@@ -98,8 +99,14 @@ class Compressor(nn.Module):
         self.chunk_embedding = nn.Embedding(config.max_chunks, d_m)
         nn.init.zeros_(self.chunk_embedding.weight)  # chunk 0 starts as the plain backbone output
         self.soft_tokens = nn.Parameter(torch.randn(k, d_m) * 0.02)
+        pooled = config.memory_values == "token_embeddings"
+        if pooled and d_e != d_m:
+            raise InvalidInputError(
+                f"memory_values='token_embeddings' needs memory_dim equal to the backbone's width {d_e}, got {d_m}"
+            )
+        self.token_pool = TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids) if pooled else None
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(d_m, config.num_heads, config.dropout) for _ in range(config.num_layers)
+            CrossAttentionBlock(d_m, config.num_heads, config.dropout) for _ in range(0 if pooled else config.num_layers)
         )
         self.out_norm = nn.LayerNorm(d_m)
         self.key_proj = nn.Linear(d_m, d_m)
@@ -192,10 +199,13 @@ class Compressor(nn.Module):
         mask = mask.index_put((batch.doc_index, batch.chunk_index), batch.attention_mask)
         ctx, ctx_mask = packed.view(B, C * L, d_m), mask.view(B, C * L).bool()  # (B, C·L, d_m), (B, C·L)
 
-        x = self.soft_tokens.expand(B, -1, -1)  # (B, k, d_m)
-        for block in self.blocks:
-            x = block(x, ctx, ctx_mask)
-        memory = self.out_norm(x)  # (B, k, d_m)
+        if self.token_pool is not None:
+            memory = self._pooled_memory(batch, hidden, ctx_mask)  # (B, k, d_m)
+        else:
+            x = self.soft_tokens.expand(B, -1, -1)  # (B, k, d_m)
+            for block in self.blocks:
+                x = block(x, ctx, ctx_mask)
+            memory = self.out_norm(x)  # (B, k, d_m)
         key = self.key_proj(memory.mean(dim=1))  # (B, d_m)
         if self.config.key_from_backbone:
             key = key + F.normalize(self._mean_pooled(tokens, batch), dim=-1)  # (B, d_m)
@@ -203,6 +213,17 @@ class Compressor(nn.Module):
             lexical = self.lexical_key(batch.input_ids, batch.attention_mask, batch.doc_index, B)  # (B, d_m)
             key = F.normalize(key, dim=-1) + self.config.lexical_key_weight * lexical.to(key.dtype)  # (B, d_m)
         return Compressed(memory=memory, key=F.normalize(key, dim=-1))
+
+    def _pooled_memory(self, batch: ChunkedBatch, states: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """memory_values="token_embeddings": the token pool over the document's packed ids, input-token
+        embeddings and contextual states (N, L, d_e) → (B, k, d_e)."""
+        B, C = batch.num_docs, int(batch.chunk_index.max()) + 1
+        where = (batch.doc_index, batch.chunk_index)
+        ids = batch.input_ids.new_zeros(B, C, batch.input_ids.shape[1]).index_put(where, batch.input_ids)  # (B, C, L)
+        embed = self.backbone.get_input_embeddings()
+        tokens = embed(ids.view(B, -1)).to(states.dtype)  # (B, C·L, d_e)
+        packed = states.new_zeros(B, C, *states.shape[1:]).index_put(where, states)  # (B, C, L, d_e)
+        return self.token_pool(ids.view(B, -1), tokens, packed.view(B, tokens.shape[1], -1), ctx_mask)  # (B, k, d_e)
 
     @staticmethod
     def _mean_pooled(tokens: torch.Tensor, batch: ChunkedBatch) -> torch.Tensor:
@@ -213,10 +234,12 @@ class Compressor(nn.Module):
         return sums / counts.clamp(min=1)[:, None]  # (B, d_m)
 
     def fit_lexical_idf(self, texts: Sequence[str]) -> None:
-        """Start the lexical key's token weights at this corpus' IDF (a no-op without a lexical key)."""
-        if self.lexical_key is not None:
+        """Start the token weights of the lexical key and of the token pool at this corpus' IDF (no-op without either)."""
+        if self.lexical_key is not None or self.token_pool is not None:
             ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-            self.lexical_key.fit_idf(ids)
+            for part in (self.lexical_key, self.token_pool):
+                if part is not None:
+                    part.fit_idf(ids)
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Tokenize and encode in one call (no gradients: the serving path)."""

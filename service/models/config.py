@@ -71,8 +71,18 @@ class CompressorConfig:
     text's distinct tokens, IDF-weighted, so that an exact match of a rare name counts as in BM25);
     0 = a dense key only, as in checkpoints written before this field existed."""
 
+    memory_values: str = "states"
+    """What a memory vector is made of. "states": k learned soft tokens cross-attend over the backbone's
+    states (the paper's Θ). "token_embeddings": soft picks of the text's own input-token embeddings in
+    text order (service.models.token_pool): with the frozen LLM as backbone (memory_dim = its width) the
+    memory is in the LLM's own input space and is read before any training."""
+
     def __post_init__(self) -> None:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
+        if self.memory_values not in ("states", "token_embeddings"):
+            raise InvalidInputError(
+                f'CompressorConfig.memory_values must be "states" or "token_embeddings", got {self.memory_values!r}'
+            )
         _check_heads(self, self.memory_dim, self.num_heads)
         _check_positive(self, "chunk_tokens")
         if not isinstance(self.backbone_layers, int) or self.backbone_layers < 0:
@@ -100,6 +110,9 @@ class AggregatorConfig:
     num_heads: int = 8
     """Attention heads (must divide the memory width)."""
     dropout: float = 0.0
+    identity_init: bool = False
+    """Start every cross-attention block as the identity (output projections at zero), so that M* starts
+    as its queries: with queries="memories" and top-1, the document's memory itself."""
     queries: str = "question"
     """What ψ's k queries start from. "question": the question's own Θ tokens (the paper); their residual
     reaches π, so a short run can lower the answer loss with a question-conditioned prompt and ignore the
@@ -141,8 +154,20 @@ class AlignerConfig:
     30× the norm of a real token and turned into a constant prompt that ignores the memory. 0 = off
     (checkpoints written before this field existed)."""
 
+    lead_text: str = ""
+    """"embeddings" mode: text whose real token embeddings come before the p soft tokens (e.g. "Context:"),
+    the words the LLM is used to seeing before a document; costs its tokens in prefix positions."""
+    tail_text: str = ""
+    """"embeddings" mode: text whose token embeddings follow the p soft tokens (e.g. a newline)."""
+    residual: bool = False
+    """"embeddings" mode: the p embeddings are M* itself (token-mixed) plus a learned map that starts at
+    zero, so a memory already in the LLM's input space (CompressorConfig.memory_values="token_embeddings")
+    reaches the LLM unchanged at the start. Needs memory_dim equal to the LLM's width."""
+
     def __post_init__(self) -> None:
         _check_positive(self, "prefix_len", "hidden_dim")
+        if (self.residual or self.lead_text or self.tail_text) and self.mode != "embeddings":
+            raise InvalidInputError('AlignerConfig.residual, lead_text and tail_text need mode="embeddings"')
         if not (self.output_rms >= 0 and math.isfinite(self.output_rms)):
             raise InvalidInputError(f"AlignerConfig.output_rms must be a finite number >= 0, got {self.output_rms}")
         if self.mode not in ("kv", "embeddings"):

@@ -85,6 +85,8 @@ class LLMBackend(Protocol):
 
     def prefix_from_embeddings(self, embeddings: torch.Tensor) -> KVPrefix: ...
 
+    def text_embeddings(self, text: str) -> torch.Tensor: ...
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -194,6 +196,11 @@ class HFCausalLM:
         positions = torch.arange(p, device=self.device).expand(B, p)  # (B, p)
         self.model.base_model(inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True)
         return KVPrefix.from_cache(cache)
+
+    def text_embeddings(self, text: str) -> torch.Tensor:
+        """The LLM's input embeddings (n, d_llm) of a text's tokens (no special tokens); (0, d_llm) for ""."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
     def choose_token(self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
         """Next token (B,) from logits (B, V)."""

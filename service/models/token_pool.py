@@ -1,0 +1,72 @@
+"""Θ's "token_embeddings" memory: k soft picks of the text's own input-token embeddings, in text order.
+
+Letters: B docs, T token slots of a doc (all chunks packed, padding included), k memory tokens,
+d_e backbone width (= the frozen LLM's width when the backbone is the LLM), V vocabulary.
+
+Why: a memory made of new vectors must be taught to the frozen LLM from scratch, and short CPU runs
+never got it read (the prefix collapsed to a constant prompt; models/smollm2-135m-instruct/README.md).
+The LLM already reads its own token embeddings. Given the 32 rarest words of a SQuAD paragraph in text
+order instead of the paragraph, SmolLM2-135M still reaches F1 18.9 (the paragraph: 29.5; nothing: 1.5),
+so a memory that starts as such picks is read from step 0 and training refines what it picks.
+
+Memory slot j is a softmax-weighted mix of the document's token embeddings: its logits over the text
+are a salience per token (a learned per-vocabulary weight starting at the corpus IDF, plus a learned
+function of the token's contextual state, starting at 0) divided by a temperature, plus a Gaussian
+prior on the token's relative position centred on the j-th of k equal stretches of the text. So slot
+j starts as "the rarest token near the j-th k-th of the text". A zero-initialised map of the same mix
+of contextual states is added, so training can also write context (a word's other pieces, its role)
+into the slot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class TokenPool(nn.Module):
+    def __init__(self, vocab_size: int, width: int, num_slots: int, special_ids: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.num_slots = num_slots
+        self.token_salience = nn.Parameter(torch.zeros(vocab_size))  # (V,) IDF after fit_idf
+        self.state_salience = nn.Linear(width, 1)
+        nn.init.zeros_(self.state_salience.weight)
+        nn.init.zeros_(self.state_salience.bias)
+        self.log_temperature = nn.Parameter(torch.zeros(()))  # τ = 1 at the start
+        self.log_prior_width = nn.Parameter(torch.tensor(math.log(0.3)))  # σ in units of one stretch
+        self.state_proj = nn.Linear(width, width)
+        nn.init.zeros_(self.state_proj.weight)
+        nn.init.zeros_(self.state_proj.bias)
+        usable = torch.ones(vocab_size, dtype=torch.bool)
+        usable[[i for i in special_ids if 0 <= i < vocab_size]] = False  # BOS/EOS/padding say nothing
+        self.register_buffer("usable", usable, persistent=False)  # (V,)
+
+    @torch.no_grad()
+    def fit_idf(self, token_ids: Sequence[Sequence[int]]) -> None:
+        """Start the per-token salience at the corpus IDF (one token-id list per document)."""
+        df = torch.zeros(len(self.token_salience), dtype=torch.float64)  # (V,)
+        for ids in token_ids:
+            df[torch.as_tensor(sorted(set(ids)), dtype=torch.int64)] += 1
+        n = max(len(token_ids), 1)
+        self.token_salience.copy_(torch.log1p((n - df + 0.5) / (df + 0.5)).float())
+
+    def forward(
+        self, ids: torch.Tensor, embeddings: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ids (B, T), embeddings (B, T, d_e) input-token embeddings, states (B, T, d_e) contextual states,
+        mask (B, T) bool (real tokens) → memory (B, k, d_e)."""
+        k = self.num_slots
+        real = mask & self.usable[ids]  # (B, T)
+        real = torch.where(real.any(1, keepdim=True), real, mask)  # a text of special tokens only keeps them
+        order = real.cumsum(1) - 1  # (B, T) index of each real token in its text
+        n = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        where = (order.to(embeddings.dtype) + 0.5) / n * k  # (B, T) position in units of one stretch
+        centres = torch.arange(k, device=ids.device, dtype=embeddings.dtype) + 0.5  # (k,)
+        prior = -0.5 * ((where[:, None, :] - centres[None, :, None]) / self.log_prior_width.exp()) ** 2  # (B, k, T)
+        salience = self.token_salience[ids] + self.state_salience(states).squeeze(-1)  # (B, T)
+        logits = prior + (salience / self.log_temperature.exp())[:, None, :]  # (B, k, T)
+        weights = logits.masked_fill(~real[:, None, :], float("-inf")).softmax(-1)  # (B, k, T)
+        return weights @ embeddings + self.state_proj(weights @ states)  # (B, k, d_e)

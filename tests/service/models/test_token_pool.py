@@ -1,0 +1,111 @@
+"""Θ's token-pool memory, ψ's identity start and π's residual/framed prefix: a memory in the LLM's own
+input space reaches the LLM unchanged before any training, and survives a checkpoint round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.errors import InvalidInputError
+from service.models.checkpoint import load_checkpoint, save_checkpoint
+from service.models.cmt import CMTModules
+from service.models.compressor import Compressor
+from service.models.config import AggregatorConfig, AlignerConfig, CMTConfig, CompressorConfig
+from tests.conftest import tiny_llama
+
+K = 4  # memory tokens = prefix positions
+
+
+def pooled_config(backbone: str, **aligner) -> CMTConfig:
+    return CMTConfig(
+        compressor=CompressorConfig(
+            backbone=backbone, num_memory_tokens=K, memory_dim=64, num_heads=4, chunk_tokens=128, chunk_overlap=16,
+            memory_values="token_embeddings",
+        ),
+        aggregator=AggregatorConfig(top_k=1, max_docs=4, num_layers=1, num_heads=4, queries="memories", identity_init=True),
+        aligner=AlignerConfig(prefix_len=K, hidden_dim=32, mode="embeddings", output_rms=0.1, residual=True, **aligner),
+    )
+
+
+@pytest.fixture
+def llm_dir(tmp_path, bpe_tokenizer):
+    """A tiny Llama saved to disk: the frozen LLM and, through its path, Θ's backbone (its own layers)."""
+    llm = tiny_llama(bpe_tokenizer)
+    llm.model.save_pretrained(tmp_path / "llm")
+    bpe_tokenizer.save_pretrained(tmp_path / "llm")
+    return llm, str(tmp_path / "llm")
+
+
+def test_untrained_slots_are_the_most_salient_token_of_their_stretch_in_text_order(llm_dir, bpe_tokenizer):
+    llm, path = llm_dir
+    modules = CMTModules.build(pooled_config(path), llm.layout).eval()
+    pool, table = modules.compressor.token_pool, llm.model.get_input_embeddings().weight
+    ids = list(range(10, 42))  # 32 distinct ordinary tokens: 8 per stretch of the text
+    salient = [ids[3], ids[11], ids[19], ids[27]]  # one in the middle of each quarter
+    with torch.no_grad():
+        pool.token_salience.zero_()
+        pool.token_salience[salient] = 30.0
+    memory = modules.compressor.compress([bpe_tokenizer.decode(ids)]).memory[0]  # (K, d)
+    text_ids = modules.compressor.tokenize([bpe_tokenizer.decode(ids)]).input_ids[0].tolist()
+    assert all(s in text_ids for s in salient), "the test text must keep its tokens"
+    assert F.cosine_similarity(memory, table[salient], dim=-1).min() > 0.995  # the prior leaks < 1% to neighbours
+
+
+def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_frame(llm_dir):
+    llm, path = llm_dir
+    modules = CMTModules.build(pooled_config(path, lead_text="Context:", tail_text="\n"), llm.layout).eval()
+    seen = {}
+
+    class Reader:  # the real LLM, remembering the embeddings π hands it
+        def prefix_from_embeddings(self, embeddings):
+            seen["embeddings"] = embeddings
+            return llm.prefix_from_embeddings(embeddings)
+
+        def text_embeddings(self, text):
+            return llm.text_embeddings(text)
+
+    memory = modules.compressor.compress(["The Rhine flows through Basel and Cologne."]).memory  # (1, K, d)
+    with torch.no_grad():
+        prefix, _ = modules.prefix(torch.zeros_like(memory), memory[:, None], torch.ones(1, 1, dtype=torch.bool), Reader())
+    lead, tail = llm.text_embeddings("Context:"), llm.text_embeddings("\n")
+    emb = seen["embeddings"][0]  # (lead + K + tail, d)
+    assert prefix.length == len(lead) + K + len(tail) == modules.aligner.positions(llm)
+    assert torch.equal(emb[: len(lead)], lead) and torch.equal(emb[len(lead) + K :], tail)
+    centred = memory[0] - memory[0].mean(-1, keepdim=True)  # ψ's LayerNorm centres each vector
+    assert F.cosine_similarity(emb[len(lead) : len(lead) + K], centred, dim=-1).min() > 0.999
+    assert torch.allclose(emb[len(lead) : len(lead) + K].pow(2).mean(-1).sqrt(), torch.full((K,), 0.1), rtol=1e-3)
+
+
+def test_token_pool_checkpoint_round_trip_is_bit_exact(llm_dir, tmp_path):
+    llm, path = llm_dir
+    modules = CMTModules.build(pooled_config(path), llm.layout)
+    modules.compressor.fit_lexical_idf(["the river flows", "a city on the river", "Basel is a city"])
+    with torch.no_grad():  # move weights off their init so a skipped load would show
+        for p in modules.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "ckpt", modules, llm.identity)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt", llm.identity, llm.layout)
+    texts = ["The Rhine flows through Basel.", "Cologne is a city on the Rhine."]
+    a, b = modules.eval().compressor.compress(texts), loaded.compressor.compress(texts)
+    assert torch.equal(a.memory, b.memory) and torch.equal(a.key, b.key)
+
+
+def test_token_pool_options_are_checked(llm_dir, bpe_tokenizer):
+    llm, path = llm_dir
+    with pytest.raises(InvalidInputError, match="memory_values"):
+        CompressorConfig(memory_values="words")
+    with pytest.raises(InvalidInputError, match="need mode"):
+        AlignerConfig(residual=True)
+    with pytest.raises(InvalidInputError, match="need mode"):
+        AlignerConfig(lead_text="Context:")
+    wide = CompressorConfig(backbone=path, num_memory_tokens=K, memory_dim=128, num_heads=4, memory_values="token_embeddings")
+    with pytest.raises(InvalidInputError, match="backbone's width 64"):
+        Compressor.from_backbone(wide)
+    with pytest.raises(InvalidInputError, match="LLM's width"):
+        CMTModules.build(
+            CMTConfig(compressor=CompressorConfig(backbone=path, num_memory_tokens=K, memory_dim=32, num_heads=4),
+                      aligner=AlignerConfig(prefix_len=K, mode="embeddings", residual=True)),
+            llm.layout,
+        )
