@@ -48,6 +48,9 @@ class EmbeddingRecorder:
         self.seen = embeddings
         return self.llm.prefix_from_embeddings(embeddings)
 
+    def text_embeddings(self, text: str) -> torch.Tensor:  # a framed prefix's real tokens (not recorded apart)
+        return self.llm.text_embeddings(text)
+
 
 def spread(modules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor) -> dict[str, float]:
     mask = torch.ones(len(memory), 1, dtype=torch.bool)

@@ -25,6 +25,7 @@ from service.runtime.state import AppState
 from service.settings import Settings
 from service.storage.factory import open_bank
 from service.storage.index import VectorIndex
+from service.storage.index_restore import snapshots_from_settings
 from service.storage.sync import SyncedIndex
 
 log = logging.getLogger("service")
@@ -52,8 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
+            # From the index snapshot if there is a usable one (events after it replayed), else rebuilt.
+            snapshots = snapshots_from_settings(settings, dim=engine.modules.config.compressor.memory_dim)
             index = await run_in_threadpool(
-                SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold)).start
+                SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold),
+                            snapshots=snapshots).start
             )
             following.append(index)
             ingest = IngestService(
@@ -62,7 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             ask = AskService(engine, store, index, settings)
             decode = None
-            if settings.continuous_batching:
+            if settings.engine == "vllm":  # vLLM batches continuously itself: the loop drives its engine
+                decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue,
+                                    decoder=engine.llm.decoder(settings.max_decode_rows))
+            elif settings.continuous_batching:
                 decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue)
             make = make_prepare_batcher if decode is not None else make_ask_batcher
             ask_batcher = make(ask, settings, metrics.on_batch("ask"))
@@ -87,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if decode is not None:
                 await run_in_threadpool(decode.close)
             await ingest.batcher.close()
-            index.close()
+            await run_in_threadpool(index.close)  # writes the index snapshot if it changed
         finally:
             metrics.unbind()
             store.close()  # stops the embedded Redis if open_bank started it

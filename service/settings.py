@@ -32,10 +32,23 @@ class Settings(BaseSettings):
     """torch device: cpu, cuda, cuda:1 ..."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """LLM dtype (bf16 on GPU halves memory; Θ/ψ/π stay float32)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Engine that runs the LLM: "hf" (transformers, our own decode loop) or "vllm" (needs the optional vLLM
+    install, README "Serving on vLLM"; /ask then always goes through vLLM's own continuous batching, so
+    `continuous_batching` applies to "hf" only, `max_decode_rows` caps the questions in flight; α > 0 is refused
+    with a 422: it is served by the HF engine only)."""
 
     # ---- storage -------------------------------------------------------------------------------
     redis_url: str | None = None
     """redis://, rediss://, unix://, redis+cluster://, redis+sentinel://; None = embedded redis-server."""
+    redis_wait_replicas: int | None = Field(None, ge=0)
+    """Replicas that must have each write (Redis WAIT) before the service acknowledges it; fewer in time
+    → 503, the write not acknowledged. Replication is asynchronous, so without it a fail-over can lose
+    acknowledged writes. None = 1 for redis+cluster:// and redis+sentinel:// URLs, 0 (off) otherwise;
+    the embedded server (no `redis_url`) has no replicas and never waits."""
+    redis_wait_timeout_ms: int = Field(1000, gt=0, le=4000)
+    """How long a write waits for those replicas (ms); 0 is refused (WAIT would block forever), and it
+    stays below the 5 s socket timeout so the reply, not the socket, ends the wait."""
     data_dir: Path = Path(".data/redis")
     """Folder of the embedded redis-server, used when `redis_url` is None: its AOF, `server.json`
     (a second process on the same folder reuses the running server) and log live directly in it.
@@ -46,6 +59,16 @@ class Settings(BaseSettings):
     """Namespace of this memory bank inside Redis."""
     approx_index_threshold: int = 50_000
     """Documents above which top-k switches from exact search to an HNSW graph."""
+    index_snapshots: bool = True
+    """Start the index from its snapshot file (arrays, HNSW graph, stream position) and replay only the
+    events after it, instead of rebuilding from Redis (scan + HNSW build: minutes at 10^6 documents). A
+    corrupt, foreign or stale snapshot falls back to the rebuild (service.storage.index_restore)."""
+    index_snapshot_dir: Path | None = None
+    """Folder of the index snapshots (one file per bank). None = `<data_dir>-index` beside the embedded
+    Redis; with `redis_url` set and no folder, no snapshots (give a replica a disk it keeps across restarts)."""
+    index_snapshot_interval_s: float = Field(300.0, ge=0)
+    """Seconds between background snapshots, each written only if the index changed; 0 = only after a full
+    rebuild and at shutdown."""
 
     # ---- limits --------------------------------------------------------------------------------
     max_text_chars: int = Field(100_000, gt=0)

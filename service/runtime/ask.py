@@ -88,6 +88,9 @@ class AskService:
                 f"max_new_tokens must be between 1 and {self.settings.max_new_tokens}, got {max_new}"
             )
         alpha = self.engine.default_alpha if alpha is None else alpha
+        refusal = getattr(self.engine.llm, "alpha_refusal", None)  # the vLLM engine serves α = 0 only
+        if refusal and alpha > 0:
+            raise InvalidInputError(refusal, details={"alpha": alpha})
         margin = self.engine.modules.config.aggregator.recency_margin if recency_margin is None else recency_margin
         if not 0 <= margin <= 2:
             raise InvalidInputError(f"recency_margin must be between 0 and 2 (cosine units), got {margin}")

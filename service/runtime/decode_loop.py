@@ -13,11 +13,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.errors import ModelError, OverloadedError
 from service.models.continuous import ContinuousDecoder
 from service.models.llm import Generation, GenerationConfig, HFCausalLM
 from service.models.prefix import KVPrefix
+
+if TYPE_CHECKING:
+    from service.models.vllm_llm import VLLMDecoder
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,11 @@ class Ticket:
 
 
 class DecodeLoop:
-    def __init__(self, llm: HFCausalLM, max_rows: int = 64, max_waiting: int = 256) -> None:
-        self.decoder = ContinuousDecoder(llm, max_rows)
+    def __init__(self, llm: HFCausalLM, max_rows: int = 64, max_waiting: int = 256,
+                 decoder: ContinuousDecoder | VLLMDecoder | None = None) -> None:
+        """`decoder`: what the thread drives; default our HF `ContinuousDecoder`, under CMT_ENGINE=vllm the
+        vLLM engine's own continuous batching (`VLLMCausalLM.decoder`, the same interface)."""
+        self.decoder = decoder if decoder is not None else ContinuousDecoder(llm, max_rows)
         self.max_waiting = max_waiting
         self._waiting: list[Ticket] = []
         self._running: dict[int, Ticket] = {}

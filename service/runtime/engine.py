@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from service.models.prompts import PromptProfile, get_profile
 from service.settings import Settings
 from service.storage import codec
 
+if TYPE_CHECKING:
+    from service.models.vllm_llm import VLLMCausalLM
+
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED_DTYPE = torch.float16
@@ -31,7 +35,7 @@ bytes, and cosine top-k over fp16 keys ranks like fp32."""
 @dataclass
 class Engine:
     llm: LLMBackend
-    """The frozen LLM behind the serving interface (HFCausalLM today)."""
+    """The frozen LLM behind the serving interface: HFCausalLM, or VLLMCausalLM under CMT_ENGINE=vllm."""
     modules: CMTModules
     compressor_version: str
     checkpoint_dir: Path
@@ -45,12 +49,18 @@ class Engine:
     def load(cls, settings: Settings) -> Engine:
         """The LLM and the checkpoint the settings name (by default SmolLM2 and the shipped checkpoint)."""
         start = time.perf_counter()
-        llm = HFCausalLM.from_pretrained(
+        backend: type[HFCausalLM] | type[VLLMCausalLM] = HFCausalLM
+        if settings.engine == "vllm":  # vLLM itself is imported only now (a clear error if it is not installed)
+            from service.models.vllm_llm import VLLMCausalLM as backend
+        llm = backend.from_pretrained(
             settings.llm, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir
         )
         checkpoint = settings.checkpoint  # a missing or foreign one is refused with a message naming both LLMs
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
+        if alpha > 0 and getattr(llm, "alpha_refusal", None):  # requests may not ask for it; nor may the default
+            log.warning("checkpoint trained with alpha=%s; the %s engine answers with alpha=0", alpha, settings.engine)
+            alpha = 0.0
         engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,
                      checkpoint_profile(config))
         log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", settings.llm, checkpoint,

@@ -16,6 +16,7 @@ from service.settings import Settings
 from service.storage.base import MemoryStore, OperationObserver
 from service.storage.embedded import EmbeddedRedis
 from service.storage.redis_store import RedisMemoryStore
+from service.storage.replication import ReplicaAcks, default_wait_replicas
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ def open_bank(
     event loop.
     """
     if settings.redis_url:
-        return RedisMemoryStore(settings.redis_url, bank=settings.bank, on_operation=on_operation)
+        replicas = settings.redis_wait_replicas
+        acks = ReplicaAcks(default_wait_replicas(settings.redis_url) if replicas is None else replicas,
+                           settings.redis_wait_timeout_ms)
+        return RedisMemoryStore(settings.redis_url, bank=settings.bank, on_operation=on_operation, replica_acks=acks)
     server = EmbeddedRedis(settings.data_dir, appendfsync=settings.appendfsync).start()
     if on_server_restart is not None:
         server.add_restart_listener(on_server_restart)

@@ -9,21 +9,26 @@ graph search would wander through non-matching nodes, so the matching rows are s
 instead (cheap precisely because they are few). Once tombstones exceed `compact_fraction`, a
 maintenance job rebuilds a compact state (and its HNSW) off the lock from a snapshot, replays the
 writes made meanwhile, then swaps it in: searches never wait for a rebuild. `rebuild(batches)`
-replaces every entry the same way (an index rebuilt from the store by `SyncedIndex`).
+replaces every entry the same way (an index rebuilt from the store by `SyncedIndex`), and so does
+`replace(build)` with a state made elsewhere (one loaded from a snapshot). `capture()` hands out the
+state as arrays for a snapshot, holding the lock only to copy what writers change in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
+import faiss
 import numpy as np
 import torch
 
 from service.errors import InvalidInputError
 from service.storage.base import IndexEntry, SearchFilters, to_us
-from service.storage.index_state import IndexState, SearchHit
+from service.storage.index_state import IndexState, SearchHit, StateColumns, graph_writer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,10 @@ class VectorIndex:
         self._oplog: list[tuple[str, list[IndexEntry] | list[str]]] | None = None
         self._job: threading.Thread | None = None
         self._rebuild_lock = threading.Lock()  # one rebuild() at a time
+        self.changes = 0
+        """Counts writes and swaps: a snapshot writer compares it to skip an unchanged index."""
+        self.capture_lock_s = 0.0
+        """Seconds the last `capture` held the lock (what a snapshot costs searches and writers)."""
 
     # -- writes ------------------------------------------------------------------------------
     def upsert(self, entries: Sequence[IndexEntry]) -> None:
@@ -68,6 +77,7 @@ class VectorIndex:
             return
         with self._lock:
             self._state.upsert(list(entries))
+            self.changes += 1
             if self._oplog is not None:
                 self._oplog.append(("upsert", list(entries)))
         self._maybe_maintain()
@@ -77,6 +87,7 @@ class VectorIndex:
             return
         with self._lock:
             self._state.remove(list(ids))
+            self.changes += 1
             if self._oplog is not None:
                 self._oplog.append(("remove", list(ids)))
         self._maybe_maintain()
@@ -84,6 +95,7 @@ class VectorIndex:
     def clear(self) -> None:
         with self._lock:
             self._state = IndexState()
+            self.changes += 1
             if self._oplog is not None:
                 self._oplog.append(("clear", []))
 
@@ -110,6 +122,31 @@ class VectorIndex:
     def stale_count(self, compressor_version: str) -> int:
         """Live documents whose memory was made by another compressor version."""
         return sum(v for k, v in self.version_counts().items() if k != compressor_version)
+
+    def key_of(self, doc_id: str) -> np.ndarray | None:
+        """The stored (L2-normalised) key of a live document, a copy: (d,) float32."""
+        with self._lock:
+            row = self._state.row_of.get(doc_id)
+            return None if row is None else self._state.keys[row].copy()
+
+    def capture(self) -> tuple[StateColumns | None, int]:
+        """The current entries as arrays, and `changes` at that moment (None: empty index).
+
+        Under the lock only: a copy of the alive flags and id list, and the HNSW graph's links
+        (writers change those in place) into a buffer whose memory was touched before taking the
+        lock; keys and metadata are views, since rows are append-only.
+        """
+        with self._lock:
+            hint = self._state.graph_size_hint()
+        writer = graph_writer(hint + hint // 16)  # room for rows added meanwhile
+        with self._lock:
+            t0 = time.perf_counter()
+            cols, changes = self._state.export(), self.changes
+            has_graph = self._state.write_graph(writer)
+            self.capture_lock_s = time.perf_counter() - t0
+        if cols is not None and has_graph:
+            cols = dataclasses.replace(cols, graph=faiss.vector_to_array(writer.data))
+        return cols, changes
 
     def entry(self, doc_id: str) -> SearchHit | None:
         with self._lock:
@@ -214,6 +251,26 @@ class VectorIndex:
         ones are swapped in, and writes made to this index meanwhile are replayed onto them first,
         so a write racing with the rebuild is never lost.
         """
+        n = 0
+
+        def build() -> IndexState:
+            nonlocal n
+            fresh = IndexState()
+            for entries in batches:
+                if entries:
+                    fresh.upsert(list(entries))
+                    n += len(entries)
+            return fresh
+
+        self.replace(build)
+        return n
+
+    def replace(self, build: Callable[[], IndexState]) -> None:
+        """Replace every entry with the state `build()` returns, built off the lock as in `rebuild`.
+
+        If `build` raises, the current entries stay (writes made meanwhile included) and the
+        exception propagates.
+        """
         with self._rebuild_lock:
             while True:  # a running maintenance job would swap its older state in after ours
                 with self._lock:
@@ -223,17 +280,11 @@ class VectorIndex:
                         break
                 job.join()
             try:
-                fresh, n = IndexState(), 0
-                for entries in batches:
-                    if entries:
-                        fresh.upsert(list(entries))
-                        n += len(entries)
-                self._swap_in(fresh)
+                self._swap_in(build())
             finally:
                 with self._lock:
                     self._oplog = None
         self._maybe_maintain()
-        return n
 
     def _maintenance_job(self, snapshot: IndexState) -> None:
         try:
@@ -245,7 +296,7 @@ class VectorIndex:
 
     def _swap_in(self, fresh: IndexState) -> None:
         """Build HNSW on `fresh` if large enough (off the lock), replay the logged writes, swap it in."""
-        if fresh.n_alive >= self.approx_threshold:
+        if fresh.n_alive >= self.approx_threshold and fresh.hnsw is None:
             fresh.build_hnsw(self.hnsw_m, self.ef_construction)
         with self._lock:
             for op, arg in self._oplog or []:
@@ -256,6 +307,7 @@ class VectorIndex:
                 else:
                     fresh = IndexState()
             self._state = fresh
+            self.changes += 1
             self._oplog = None
 
 

@@ -43,13 +43,13 @@ from service.storage.base import (
     validate_id,
 )
 from service.storage.connection import ConnectionSettings, connect, guard, redact
-from service.storage.redis_stream import StreamAndAdminMixin
+from service.storage.redis_stream import StreamAndAdminMixin, decode_optional
+from service.storage.replication import AckedWriter, ReplicaAcks, default_wait_replicas
 
 log = logging.getLogger(__name__)
 __all__ = ["ChangeListener", "RedisMemoryStore", "StreamEvent"]
 
 KEY_LAYOUT_VERSION = "v1"
-_META_FIELDS = (b"cv", b"source", b"published", b"received")
 
 
 def _optional_script_arg(v: str | None) -> str:
@@ -57,16 +57,13 @@ def _optional_script_arg(v: str | None) -> str:
     return "0" if v is None else "1" + v
 
 
-def _decode_optional(b: bytes | None) -> str | None:
-    """A hash field as read back: None when absent, else its UTF-8 text."""
-    return None if b is None else b.decode("utf-8")
-
-
 class RedisMemoryStore(StreamAndAdminMixin):
     """`MemoryStore` on Redis. Thread-safe (redis-py pools connections per thread of use).
 
     `on_operation` is told the name, duration and failure (or None) of every operation (metrics);
-    `on_close` runs after the connection is closed (e.g. stops an embedded server).
+    `on_close` runs after the connection is closed (e.g. stops an embedded server). `replica_acks`:
+    replicas that must have each write before it is acknowledged (replication.py); None = 1 on
+    redis+cluster:// and redis+sentinel:// URLs, 0 otherwise.
     """
 
     def __init__(
@@ -80,6 +77,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         client: Any | None = None,
         on_close: Callable[[], None] | None = None,
         on_operation: OperationObserver | None = None,
+        replica_acks: ReplicaAcks | None = None,
     ) -> None:
         if not bank or any(c in bank for c in "{}: \n"):
             raise InvalidInputError(f"bank name {bank!r} must be non-empty without braces, colons or spaces")
@@ -95,6 +93,8 @@ class RedisMemoryStore(StreamAndAdminMixin):
         self._put = self._r.register_script(scripts.PUT)
         self._delete = self._r.register_script(scripts.DELETE)
         self._update = self._r.register_script(scripts.UPDATE_MEMORY)
+        acks = replica_acks if replica_acks is not None else ReplicaAcks(default_wait_replicas(url))
+        self._writer = AckedWriter(self._r, url, acks, self.ids_key)
         self._listeners: list[ChangeListener] = []
         self._listeners_lock = threading.Lock()
         self._on_close = on_close
@@ -152,10 +152,12 @@ class RedisMemoryStore(StreamAndAdminMixin):
     ) -> list[PutResult]:
         """Store documents with their memories. All inputs are validated before anything is written.
 
-        Each chunk of `max_batch` documents is one atomic script call (one round trip); within it
-        every document is all-or-nothing. Same id + same text + same compressor version is
-        "unchanged" (nothing rewritten, metadata included); a new text is "replaced" with
-        version+1; same text under a new compressor version is "replaced" at the same version.
+        Each chunk of `max_batch` documents is one atomic script call; within it every document is
+        all-or-nothing. With acknowledged writes on (replication.py) the chunks and one WAIT go in one
+        pipeline to the bank's master, and the call returns only once the replicas have them (else 503).
+        Same id + same text + same compressor version is "unchanged" (nothing rewritten, metadata
+        included); a new text is "replaced" with version+1; same text under a new compressor version
+        is "replaced" at the same version.
         """
         prepared: list[tuple[DocumentInput, bytes, IndexEntry]] = []
         for item in items:
@@ -176,27 +178,35 @@ class RedisMemoryStore(StreamAndAdminMixin):
                 received_at=doc.received_at,  # type: ignore[arg-type]  # set by validated()
             )
             prepared.append((doc, value, entry))
+        chunks = [prepared[start : start + self.max_batch] for start in range(0, len(prepared), self.max_batch)]
         results: list[PutResult] = []
-        for start in range(0, len(prepared), self.max_batch):
-            chunk = prepared[start : start + self.max_batch]
-            keys = [self.ids_key, self.events_key, self.cv_key]
-            args: list[Any] = [compressor_version, self.stream_maxlen, len(chunk)]
-            for doc, value, _ in chunk:
-                keys += [self.doc_key(doc.id), self.mem_key(doc.id)]
-                pub = "" if doc.published_at is None else str(to_us(doc.published_at))
-                args += [doc.id, content_hash(doc.text), doc.text,
-                         _optional_script_arg(doc.title), _optional_script_arg(doc.source),
-                         pub, str(to_us(doc.received_at)), value]  # type: ignore[arg-type]
-            with self._guard("put_many"):
-                out = self._put(keys=keys, args=args)
+
+        def collect(n: int, out: list[Any]) -> None:  # one chunk written: its results, then the listeners
             written = []
-            for i, (doc, value, entry) in enumerate(chunk):
+            for i, (doc, value, entry) in enumerate(chunks[n]):
                 status = out[2 * i].decode()
                 results.append(PutResult(doc.id, status, int(out[2 * i + 1]), len(value)))  # type: ignore[arg-type]
                 if status != "unchanged":
                     written.append(entry)
             self._notify(written, [])
+
+        with self._guard("put_many"):
+            self._writer.run("put_many", self._put, [self._put_call(c, compressor_version) for c in chunks], collect)
         return results
+
+    def _put_call(
+        self, chunk: list[tuple[DocumentInput, bytes, IndexEntry]], compressor_version: str
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one PUT script call (scripts.py)."""
+        keys = [self.ids_key, self.events_key, self.cv_key]
+        args: list[Any] = [compressor_version, self.stream_maxlen, len(chunk)]
+        for doc, value, _ in chunk:
+            keys += [self.doc_key(doc.id), self.mem_key(doc.id)]
+            pub = "" if doc.published_at is None else str(to_us(doc.published_at))
+            args += [doc.id, content_hash(doc.text), doc.text,
+                     _optional_script_arg(doc.title), _optional_script_arg(doc.source),
+                     pub, str(to_us(doc.received_at)), value]  # type: ignore[arg-type]
+        return keys, args
 
     def delete(self, doc_id: str) -> bool:
         """Remove the document and its memory atomically; False if it was not stored."""
@@ -209,10 +219,14 @@ class RedisMemoryStore(StreamAndAdminMixin):
         keys = [self.ids_key, self.events_key, self.cv_key]
         for i in ids:
             keys += [self.doc_key(i), self.mem_key(i)]
+        existed: list[bool] = []
+
+        def collect(_: int, out: list[Any]) -> None:
+            existed.extend(bool(x) for x in out)
+            self._notify([], [i for i, e in zip(ids, existed, strict=True) if e])
+
         with self._guard("delete"):
-            out = self._delete(keys=keys, args=[self.stream_maxlen, len(ids), *ids])
-        existed = [bool(x) for x in out]
-        self._notify([], [i for i, e in zip(ids, existed, strict=True) if e])
+            self._writer.run("delete", self._delete, [(keys, [self.stream_maxlen, len(ids), *ids])], collect)
         return existed
 
     def update_memories(
@@ -225,23 +239,26 @@ class RedisMemoryStore(StreamAndAdminMixin):
         Returns per item "updated", "gone" (deleted meanwhile) or "changed" (text edited meanwhile;
         the new text's own put already stored a fresh memory, so this one is dropped).
         """
-        statuses: list[str] = []
-        for start in range(0, len(items), self.max_batch):
-            chunk = items[start : start + self.max_batch]
+        chunks = [items[start : start + self.max_batch] for start in range(0, len(items), self.max_batch)]
+        calls = []
+        for chunk in chunks:
             keys = [self.ids_key, self.events_key, self.cv_key]
             args: list[Any] = [compressor_version, self.stream_maxlen, len(chunk)]
-            values = []
             for doc_id, h, memory, key in chunk:
-                value = codec.encode(codec.to_storable_memory(memory), key, compressor_version)
-                values.append(value)
                 keys += [self.doc_key(doc_id), self.mem_key(doc_id)]
-                args += [doc_id, h, value]
-            with self._guard("update_memories"):
-                out = [x.decode() for x in self._update(keys=keys, args=args)]
-            statuses += out
-            updated = [c[0] for c, st in zip(chunk, out, strict=True) if st == "updated"]
+                args += [doc_id, h, codec.encode(codec.to_storable_memory(memory), key, compressor_version)]
+            calls.append((keys, args))
+        statuses: list[str] = []
+
+        def collect(n: int, raw: list[bytes]) -> None:
+            out = [x.decode() for x in raw]
+            statuses.extend(out)
+            updated = [c[0] for c, st in zip(chunks[n], out, strict=True) if st == "updated"]
             if updated:
                 self._notify([e for e in self.fetch_index_entries(updated).values() if e is not None], [])
+
+        with self._guard("update_memories"):
+            self._writer.run("update_memories", self._update, calls, collect)
         return statuses
 
     # -- reads -------------------------------------------------------------------------------
@@ -253,8 +270,8 @@ class RedisMemoryStore(StreamAndAdminMixin):
         return DocumentRecord(
             id=h[b"id"].decode(),
             text=h[b"text"].decode(),
-            title=_decode_optional(h.get(b"title")),
-            source=_decode_optional(h.get(b"source")),
+            title=decode_optional(h.get(b"title")),
+            source=decode_optional(h.get(b"source")),
             published_at=None if pub is None else from_us(int(pub)),
             received_at=from_us(int(h[b"received"])),
             content_hash=h[b"hash"].decode(),
@@ -322,61 +339,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
         with self._guard("ping"):
             return bool(self._r.ping())
 
-    # -- index support -------------------------------------------------------------------------
-    def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]:
-        """Current index entry of each id (None if not stored), one pipeline round trip.
-
-        Reads only the value's prefix (GETRANGE: header + version + key), not the k×d_m memory.
-        """
-        out: dict[str, IndexEntry | None] = {}
-        if not ids:
-            return out
-        guess = self._prefix_guess
-        with self._guard("fetch_index_entries"):
-            pipe = self._r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hmget(self.doc_key(i), _META_FIELDS)
-                pipe.getrange(self.mem_key(i), 0, guess - 1)
-            res = pipe.execute()
-            refetch: list[int] = []
-            for n, doc_id in enumerate(ids):
-                meta, prefix = res[2 * n], res[2 * n + 1]
-                if meta[0] is None or not prefix:
-                    out[doc_id] = None
-                    continue
-                need = codec.prefix_length(prefix)
-                if need > len(prefix):
-                    refetch.append(n)
-                    continue
-                out[doc_id] = self._entry(doc_id, meta, prefix)
-            if refetch:  # a wider d_m than guessed: read those again, and guess wider next time
-                pipe = self._r.pipeline(transaction=False)
-                for n in refetch:
-                    pipe.hmget(self.doc_key(ids[n]), _META_FIELDS)
-                    pipe.get(self.mem_key(ids[n]))
-                res2 = pipe.execute()
-                for j, n in enumerate(refetch):
-                    meta, value = res2[2 * j], res2[2 * j + 1]
-                    if meta[0] is None or value is None:
-                        out[ids[n]] = None
-                        continue
-                    self._prefix_guess = max(self._prefix_guess, codec.prefix_length(value))
-                    out[ids[n]] = self._entry(ids[n], meta, value)
-        return out
-
-    @staticmethod
-    def _entry(doc_id: str, meta: list[bytes | None], prefix: bytes) -> IndexEntry:
-        p = codec.decode_prefix(prefix)
-        _, source, pub, received = meta
-        return IndexEntry(
-            id=doc_id,
-            key=p.key,  # (d_m,)
-            compressor_version=p.compressor_version,
-            source=_decode_optional(source),
-            published_at=None if pub is None else from_us(int(pub)),
-            received_at=from_us(int(received)) if received is not None else from_us(0),
-        )
-
+    # -- index support (fetch_index_entries: redis_stream.py) ------------------------------------
     def get_docs_meta(self, ids: Sequence[str], fields: Sequence[str]) -> list[list[str | None]]:
         """Selected hash fields of several docs (None where absent), one pipeline: reindex, ingest, /ask sources."""
         with self._guard("get_docs_meta"):
@@ -384,7 +347,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
             for i in ids:
                 pipe.hmget(self.doc_key(i), list(fields))
             rows = pipe.execute()
-        return [[_decode_optional(v) for v in row] for row in rows]
+        return [[decode_optional(v) for v in row] for row in rows]
 
     def close(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Scans and the bank's event stream (what keeps replicas' indexes in step), bank statistics, admin.
+"""Scans, index entries and the bank's event stream (what keeps replicas' indexes in step), bank statistics, admin.
 
 A mixin of `RedisMemoryStore`, split out to keep modules small; it uses the store's client
 (`_r`), key names and error guard.
@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from service.storage.base import BankStats, IndexEntry, StreamEvent, StreamPosition
+from service.storage import codec
+from service.storage.base import BankStats, IndexEntry, StreamEvent, StreamPosition, from_us
+
+_META_FIELDS = (b"cv", b"source", b"published", b"received")
+
+
+def decode_optional(b: bytes | None) -> str | None:
+    """A hash field as read back: None when absent, else its UTF-8 text."""
+    return None if b is None else b.decode("utf-8")
 
 
 class StreamAndAdminMixin:
@@ -17,13 +25,13 @@ class StreamAndAdminMixin:
     events_key: str
     ids_key: str
     cv_key: str
+    _prefix_guess: int  # bytes of a memory value's prefix read by GETRANGE (grows if a wider d_m is seen)
 
     if TYPE_CHECKING:  # provided by RedisMemoryStore
 
         def _guard(self, op: str) -> Any: ...
         def doc_key(self, doc_id: str) -> str: ...
         def mem_key(self, doc_id: str) -> str: ...
-        def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]: ...
 
     # -- scans (index rebuild) ---------------------------------------------------------------------
     def iter_ids(self, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -41,6 +49,61 @@ class StreamAndAdminMixin:
         for ids in self.iter_ids(batch_size):
             got = self.fetch_index_entries(ids)
             yield [e for e in got.values() if e is not None]
+
+    # -- index support -------------------------------------------------------------------------
+    def fetch_index_entries(self, ids: Sequence[str]) -> dict[str, IndexEntry | None]:
+        """Current index entry of each id (None if not stored), one pipeline round trip.
+
+        Reads only the value's prefix (GETRANGE: header + version + key), not the k×d_m memory.
+        """
+        out: dict[str, IndexEntry | None] = {}
+        if not ids:
+            return out
+        guess = self._prefix_guess
+        with self._guard("fetch_index_entries"):
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hmget(self.doc_key(i), _META_FIELDS)
+                pipe.getrange(self.mem_key(i), 0, guess - 1)
+            res = pipe.execute()
+            refetch: list[int] = []
+            for n, doc_id in enumerate(ids):
+                meta, prefix = res[2 * n], res[2 * n + 1]
+                if meta[0] is None or not prefix:
+                    out[doc_id] = None
+                    continue
+                need = codec.prefix_length(prefix)
+                if need > len(prefix):
+                    refetch.append(n)
+                    continue
+                out[doc_id] = self._entry(doc_id, meta, prefix)
+            if refetch:  # a wider d_m than guessed: read those again, and guess wider next time
+                pipe = self._r.pipeline(transaction=False)
+                for n in refetch:
+                    pipe.hmget(self.doc_key(ids[n]), _META_FIELDS)
+                    pipe.get(self.mem_key(ids[n]))
+                res2 = pipe.execute()
+                for j, n in enumerate(refetch):
+                    meta, value = res2[2 * j], res2[2 * j + 1]
+                    if meta[0] is None or value is None:
+                        out[ids[n]] = None
+                        continue
+                    self._prefix_guess = max(self._prefix_guess, codec.prefix_length(value))
+                    out[ids[n]] = self._entry(ids[n], meta, value)
+        return out
+
+    @staticmethod
+    def _entry(doc_id: str, meta: list[bytes | None], prefix: bytes) -> IndexEntry:
+        p = codec.decode_prefix(prefix)
+        _, source, pub, received = meta
+        return IndexEntry(
+            id=doc_id,
+            key=p.key,  # (d_m,)
+            compressor_version=p.compressor_version,
+            source=decode_optional(source),
+            published_at=None if pub is None else from_us(int(pub)),
+            received_at=from_us(int(received)) if received is not None else from_us(0),
+        )
 
     # -- event stream ----------------------------------------------------------------------------
     def stream_last_id(self) -> str:

@@ -11,6 +11,11 @@ Applying an event does not trust its content: it re-reads the *current* state of
 order-insensitive, so the index converges to Redis even when a local write and a remote event
 interleave. If the stream was trimmed past our position (we fell more than MAXLEN events
 behind: detected from XINFO's entries-added counter), the index is rebuilt from a scan.
+
+With `snapshots` (`index_restore.IndexSnapshots`), start-up first tries the bank's snapshot file
+(the index's arrays and the stream position they reflect) and replays only the events after it;
+a missing, corrupt, foreign or stale one falls back to the rebuild, after which (as after any
+full rebuild) a fresh snapshot is written in the background, as it is periodically and on close.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Self
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import torch
@@ -26,6 +32,11 @@ import torch
 from service.errors import StorageUnavailableError
 from service.storage.base import IndexEntry, MemoryStore, SearchFilters, StreamEvent
 from service.storage.index import SearchHit, VectorIndex
+from service.storage.index_state import IndexState, StateColumns
+
+if TYPE_CHECKING:
+    from service.storage.index_restore import IndexSnapshots
+    from service.storage.index_snapshot import StreamMark
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +56,14 @@ class SyncedIndex:
         block_ms: int = 200,
         batch_size: int = 1000,
         gap_check_s: float = 1.0,
+        snapshots: IndexSnapshots | None = None,
     ) -> None:
         self.store = store
-        self.index = index or VectorIndex()
+        self.index = index if index is not None else VectorIndex()  # an empty index is falsy (len 0)
         self.block_ms = block_ms
         self.batch_size = batch_size
         self.gap_check_s = gap_check_s
+        self.snapshots = snapshots
         self.last_id = "0-0"
         self._seq = 0  # stream entries consumed up to last_id (XINFO entries-added numbering)
         self._lock = threading.RLock()  # one reader of the stream at a time
@@ -62,9 +75,13 @@ class SyncedIndex:
 
     # -- start-up -----------------------------------------------------------------------------
     def start(self, *, follow: bool = True) -> SyncedIndex:
-        """Rebuild from Redis, hook local writes, and (if `follow`) start the follower thread."""
+        """Restore the snapshot or rebuild from Redis, hook local writes, and (if `follow`) start
+        the follower thread."""
         self.store.add_listener(self._on_local_write)
-        self.rebuild()
+        if self.snapshots is None or not self.snapshots.restore(self):
+            self.rebuild()
+        if self.snapshots is not None:
+            self.snapshots.start(self)
         if follow:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name=f"cmt-index-sync-{self.store.bank}", daemon=True)
@@ -87,7 +104,43 @@ class SyncedIndex:
             n = self.index.rebuild(self.store.iter_index_entries(self.batch_size))
             self.last_id, self._seq = last_id, seq
             self.rebuilds += 1
-            return n
+        if self.snapshots is not None:  # a full rebuild is worth keeping
+            self.snapshots.request()
+        return n
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def install(self, load: Callable[[], tuple[IndexState, StreamMark]]) -> None:
+        """Replace the index with a loaded state reflecting the stream up to its mark; local writes
+        made while `load` runs are replayed onto it (`VectorIndex.replace`). If `load` raises,
+        nothing changes."""
+        with self._lock:
+            marks: list[StreamMark] = []
+
+            def build() -> IndexState:
+                state, mark = load()
+                marks.append(mark)
+                return state
+
+            self.index.replace(build)
+            self.last_id, self._seq = marks[0].last_id, marks[0].seq
+
+    def catch_up(self) -> int:
+        """Apply every stream event there is now (a restored index replaying). Returns how many."""
+        total = 0
+        while (got := self.sync()) > 0:
+            total += got
+        return total
+
+    def change_key(self) -> tuple[int, str]:
+        """Changes to the index and stream position: equal keys mean an unchanged snapshot."""
+        with self._lock:
+            return self.index.changes, self.last_id
+
+    def capture(self) -> tuple[StateColumns | None, str, int, tuple[int, str]]:
+        """The index as arrays with the stream position they reflect (no event applied meanwhile)."""
+        with self._lock:
+            cols, changes = self.index.capture()
+            return cols, self.last_id, self._seq, (changes, self.last_id)
 
     # -- following --------------------------------------------------------------------------------
     def _on_local_write(self, puts: list[IndexEntry], deletes: list[str]) -> None:
@@ -165,6 +218,8 @@ class SyncedIndex:
         if self._thread is not None:
             self._thread.join(timeout=5 + self.block_ms / 1000)
             self._thread = None
+        if self.snapshots is not None:  # clean shutdown: the next start replays from here
+            self.snapshots.close(self)
         self.store.remove_listener(self._on_local_write)
 
     def __enter__(self) -> Self:

@@ -13,6 +13,7 @@ import redis
 
 from service.storage.embedded import free_port, wait_until_answers
 from service.storage.redis_store import RedisMemoryStore
+from service.storage.replication import ReplicaAcks
 from service.storage.sync import SyncedIndex
 
 from .helpers import doc, memory_for
@@ -65,7 +66,8 @@ def test_cluster_url(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> No
         assert time.monotonic() - t0 < 30
         time.sleep(0.05)
     r.close()
-    store = RedisMemoryStore(f"redis+cluster://127.0.0.1:{port}", bank="clu")
+    # one node, no replica: acknowledged writes (on by default for cluster URLs) are test_failover.py's subject
+    store = RedisMemoryStore(f"redis+cluster://127.0.0.1:{port}", bank="clu", replica_acks=ReplicaAcks(0))
     assert type(store._r).__name__ == "RedisCluster"
     try:
         exercise(store)
@@ -83,7 +85,7 @@ def test_sentinel_url(tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> N
     procs.append(_spawn(["redis-server", str(conf), "--sentinel"]))
     wait_until_answers(f"redis://127.0.0.1:{mport}/0", 30.0, procs[0])
     wait_until_answers(f"redis://127.0.0.1:{sport}/0", 30.0, procs[1])
-    store = RedisMemoryStore(f"redis+sentinel://127.0.0.1:{sport}/mymaster", bank="sen")
+    store = RedisMemoryStore(f"redis+sentinel://127.0.0.1:{sport}/mymaster", bank="sen", replica_acks=ReplicaAcks(0))
     try:
         exercise(store)
         assert redis.Redis(port=mport).exists(store.ids_key)  # the data went to the master
