@@ -114,6 +114,12 @@ class TrainConfig:
     init_from: str = ""
     """Start Θ/ψ/π from this checkpoint's weights (same shapes; the configs given here are used, so e.g.
     --aggregator.queries may change), with a fresh optimizer and schedule ("" = random initialisation)."""
+    train_only: str = ""
+    """Comma-separated name prefixes of the only parameters to train (e.g.
+    "compressor.token_pool.token_salience,aligner.prompt_embedding"); the rest stays at its start ("" = train
+    everything). An answer loss alone turns every free path into a constant prompt within a few hundred
+    steps (bench/bench_memory_use.py: ψ's output stopped depending on the document); keeping the memory
+    path fixed and giving the prompt its own tokens leaves training only what to pick."""
     compressor: CompressorConfig = field(
         default_factory=lambda: CompressorConfig(num_memory_tokens=8, lexical_key_weight=0.5)
     )

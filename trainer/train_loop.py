@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from service.errors import PayloadTooLargeError
+from service.errors import InvalidInputError, PayloadTooLargeError
 from service.models.checkpoint import load_checkpoint, save_checkpoint
 from service.models.cmt import CMTModules
 from service.models.compressor import Compressor
@@ -155,6 +155,7 @@ def build_or_resume_modules(run: Run, state: dict[str, Any] | None) -> CMTModule
         modules = CMTModules.build(config.cmt_config(), run.llm.layout)
         if config.init_from:
             init_weights(modules, config.init_from, run.llm)
+    freeze_all_but(modules, config.train_only)
     run.train, dropped_train = run.train.filtered(lambda d: fits(modules.compressor, d["text"]))
     run.valid, dropped_valid = run.valid.filtered(lambda d: fits(modules.compressor, d["text"]))
     run.valid_ex = run.valid.first_questions(config.valid_questions)
@@ -204,6 +205,20 @@ def make_optimizer(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
     return opt, sched
+
+
+def freeze_all_but(modules: CMTModules, prefixes: str) -> None:
+    """TrainConfig.train_only: only parameters whose name starts with one of the prefixes get gradients."""
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    if not wanted:
+        return
+    names = [name for name, _ in modules.named_parameters()]
+    unknown = [w for w in wanted if not any(n.startswith(w) for n in names)]
+    if unknown:
+        raise InvalidInputError(f"--train-only names no parameter: {unknown}")
+    for name, param in modules.named_parameters():
+        if not name.startswith("compressor.backbone."):  # a frozen backbone stays frozen either way
+            param.requires_grad_(any(name.startswith(w) for w in wanted))
 
 
 def trainable(modules: CMTModules) -> list[nn.Parameter]:

@@ -54,6 +54,8 @@ class Aligner(nn.Module):
         self.up_proj = nn.Linear(r, D)
         self.layer_gain = nn.Parameter(torch.ones(l_n, D))  # (l_n, D)
         self.layer_bias = nn.Parameter(torch.zeros(l_n, D))  # (l_n, D)
+        scale = config.output_rms or 0.02  # prompt tuning: n learned tokens at a real token's scale
+        self.prompt_embedding = nn.Parameter(torch.randn(config.prompt_tokens, D) * scale) if config.prompt_tokens else None
         if config.residual:
             if memory_dim != D:
                 raise InvalidInputError(f"a residual aligner needs memory_dim equal to the LLM's width {D}, got {memory_dim}")
@@ -70,7 +72,8 @@ class Aligner(nn.Module):
         frame = [t for t in (self.config.lead_text, self.config.tail_text) if t]
         if frame and llm is None:
             raise InvalidInputError("counting a framed prefix's positions needs the LLM's tokenizer")
-        return self.config.prefix_len + sum(len(llm.text_embeddings(t)) for t in frame) if frame else self.config.prefix_len
+        own = self.config.prefix_len + self.config.prompt_tokens
+        return own + sum(len(llm.text_embeddings(t)) for t in frame) if frame else own
 
     def forward(self, m_star: torch.Tensor, llm: EmbeddingReader | None = None) -> KVPrefix:
         """m_star (B, k, d_m) → KVPrefix with keys[l], values[l] of (B, H_kv, p, hd). The LLM is needed
@@ -94,9 +97,10 @@ class Aligner(nn.Module):
                 raise InvalidInputError("an embeddings aligner needs the frozen LLM to turn its embeddings into K/V")
             emb = out[:, 0]  # (B, p, d_llm)
             lead, tail = self.config.lead_text, self.config.tail_text
-            if lead or tail:  # real tokens around the soft ones: (B, p + lead + tail, d_llm)
-                parts = [llm.text_embeddings(t).to(emb).expand(B, -1, -1) for t in (lead, tail)]
-                emb = torch.cat([parts[0], emb, parts[1]], dim=1)
+            if lead or tail or self.prompt_embedding is not None:  # (B, n + lead + p + tail, d_llm)
+                before, after = (llm.text_embeddings(t).to(emb).expand(B, -1, -1) for t in (lead, tail))
+                prompt = emb[:, :0] if self.prompt_embedding is None else self.prompt_embedding.to(emb).expand(B, -1, -1)
+                emb = torch.cat([prompt, before, emb, after], dim=1)
             return llm.prefix_from_embeddings(emb)
         l_n, H_kv, hd = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         kv = out.view(B, l_n, p, 2, H_kv, hd).permute(1, 3, 0, 4, 2, 5)  # (l_n, 2, B, H_kv, p, hd)

@@ -159,6 +159,10 @@ class AlignerConfig:
     the words the LLM is used to seeing before a document; costs its tokens in prefix positions."""
     tail_text: str = ""
     """"embeddings" mode: text whose token embeddings follow the p soft tokens (e.g. a newline)."""
+    prompt_tokens: int = 0
+    """"embeddings" mode: learned input embeddings put first, before lead_text and the p memory positions, the
+    same for every question (prompt tuning): training can teach the answer format there instead of in the
+    memory positions. They cost their number in prefix positions."""
     residual: bool = False
     """"embeddings" mode: the p embeddings are M* itself (token-mixed) plus a learned map that starts at
     zero, so a memory already in the LLM's input space (CompressorConfig.memory_values="token_embeddings")
@@ -166,8 +170,12 @@ class AlignerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "prefix_len", "hidden_dim")
-        if (self.residual or self.lead_text or self.tail_text) and self.mode != "embeddings":
-            raise InvalidInputError('AlignerConfig.residual, lead_text and tail_text need mode="embeddings"')
+        if not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 0:
+            raise InvalidInputError(f"AlignerConfig.prompt_tokens must be an integer >= 0, got {self.prompt_tokens!r}")
+        if (self.residual or self.lead_text or self.tail_text or self.prompt_tokens) and self.mode != "embeddings":
+            raise InvalidInputError(
+                'AlignerConfig.residual, lead_text, tail_text and prompt_tokens need mode="embeddings"'
+            )
         if not (self.output_rms >= 0 and math.isfinite(self.output_rms)):
             raise InvalidInputError(f"AlignerConfig.output_rms must be a finite number >= 0, got {self.output_rms}")
         if self.mode not in ("kv", "embeddings"):

@@ -97,3 +97,23 @@ def test_init_from_starts_a_run_from_a_checkpoints_weights_with_other_aggregator
         assert torch.equal(x, y), f"{name} was not copied (lr 0 keeps it)"
     with pytest.raises(ValueError, match="init-from"):
         _config(tmp_path / "c", init_from=str(tmp_path / "a" / "last"), resume=True)
+
+
+def test_train_only_leaves_every_other_parameter_at_its_start(tmp_path, bpe_tokenizer):
+    from service.errors import InvalidInputError
+    from service.models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    stream = synthetic_stream(STREAM)
+    llm = tiny_gpt2(bpe_tokenizer)
+    train(_config(tmp_path / "a", max_steps=1, lr=0.0, warmup=1), llm=llm, train_docs=stream["train"], valid_docs=[])
+    moved = _config(tmp_path / "b", max_steps=3, lr=1e-2, warmup=1, train_only="aligner.up_proj,aggregator.out_norm")
+    train(moved, llm=llm, train_docs=stream["train"], valid_docs=[])
+    start, _ = load_checkpoint(tmp_path / "a" / "last", llm.identity, llm.layout)
+    after, _ = load_checkpoint(tmp_path / "b" / "last", llm.identity, llm.layout)
+    changed = {n for (n, x), (_, y) in zip(start.state_dict().items(), after.state_dict().items(), strict=True)
+               if not torch.equal(x, y)}
+    assert changed and all(n.startswith(("aligner.up_proj", "aggregator.out_norm")) for n in changed), changed
+    with pytest.raises(InvalidInputError, match="names no parameter"):
+        train(_config(tmp_path / "c", max_steps=1, train_only="aligner.nothing"), llm=llm,
+              train_docs=stream["train"], valid_docs=[])

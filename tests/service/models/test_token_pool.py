@@ -77,6 +77,28 @@ def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_fram
     assert torch.allclose(emb[len(lead) : len(lead) + K].pow(2).mean(-1).sqrt(), torch.full((K,), 0.1), rtol=1e-3)
 
 
+def test_learned_prompt_tokens_come_first_and_count_as_prefix_positions(llm_dir):
+    llm, path = llm_dir
+    modules = CMTModules.build(pooled_config(path, lead_text="Context:", prompt_tokens=3), llm.layout).eval()
+    seen = {}
+
+    class Reader:
+        def prefix_from_embeddings(self, embeddings):
+            seen["embeddings"] = embeddings
+            return llm.prefix_from_embeddings(embeddings)
+
+        def text_embeddings(self, text):
+            return llm.text_embeddings(text)
+
+    memory = modules.compressor.compress(["The Rhine flows through Basel."]).memory  # (1, K, d)
+    with torch.no_grad():
+        prefix, _ = modules.prefix(memory, memory[:, None], torch.ones(1, 1, dtype=torch.bool), Reader())
+    lead = llm.text_embeddings("Context:")
+    assert prefix.length == 3 + len(lead) + K == modules.aligner.positions(llm)
+    assert torch.equal(seen["embeddings"][0, :3], modules.aligner.prompt_embedding)
+    assert torch.equal(seen["embeddings"][0, 3 : 3 + len(lead)], lead)
+
+
 def test_token_pool_checkpoint_round_trip_is_bit_exact(llm_dir, tmp_path):
     llm, path = llm_dir
     modules = CMTModules.build(pooled_config(path), llm.layout)
