@@ -42,11 +42,12 @@ def tiny_gpt2(tokenizer, seed: int = 0) -> HFCausalLM:
     return HFCausalLM(GPT2LMHeadModel(config), tokenizer, "tiny-gpt2")
 
 
-def tiny_llama(tokenizer, seed: int = 0) -> HFCausalLM:
+def tiny_llama(tokenizer, seed: int = 0, hidden_size: int = 64, max_positions: int = 512) -> HFCausalLM:
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=max_positions,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return HFCausalLM(LlamaForCausalLM(config), tokenizer, "tiny-llama")
@@ -96,24 +97,26 @@ def make_modules(minilm):
     return build
 
 
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory, bpe_tokenizer, minilm):
-    """(llm_dir, checkpoint_dir): saved with save_pretrained / save_checkpoint, loaded back by path."""
+def save_model_dirs(root: Path, llm: HFCausalLM, tokenizer, config, minilm) -> tuple[Path, Path]:
+    """(llm_dir, checkpoint_dir) under root: the LLM saved with save_pretrained, random Θ/ψ/π of `config`
+    (own copy of the MiniLM backbone, seed 0) with save_checkpoint."""
     import copy
-
-    import torch
 
     from service.models.checkpoint import save_checkpoint
     from service.models.cmt import CMTModules
     from service.models.compressor import Compressor
 
-    root = tmp_path_factory.mktemp("models")
-    llm = tiny_gpt2(bpe_tokenizer)
     llm.model.save_pretrained(root / "llm")
-    bpe_tokenizer.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
     torch.manual_seed(0)
-    config = small_cmt_config()
-    backbone, tokenizer = minilm
-    modules = CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), tokenizer), llm.layout)
+    backbone, backbone_tokenizer = minilm
+    modules = CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), backbone_tokenizer), llm.layout)
     save_checkpoint(root / "ckpt", modules, llm.identity)
     return root / "llm", root / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, bpe_tokenizer, minilm):
+    """(llm_dir, checkpoint_dir) of a tiny GPT-2: saved with save_pretrained / save_checkpoint, loaded back by path."""
+    return save_model_dirs(tmp_path_factory.mktemp("models"), tiny_gpt2(bpe_tokenizer), bpe_tokenizer,
+                           small_cmt_config(), minilm)

