@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
             # From the index snapshot if there is a usable one (events after it replayed), else rebuilt.
-            snapshots = snapshots_from_settings(settings, dim=engine.modules.config.compressor.memory_dim)
+            snapshots = snapshots_from_settings(settings, dim=engine.modules.config.compressor.retrieval_key_dim)
             index = await run_in_threadpool(
                 SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold),
                             snapshots=snapshots).start

@@ -80,19 +80,28 @@ def small_cmt_config(**compressor):
     )
 
 
+def minilm_compressor(config, minilm):
+    """Θ of `config` on its own copy of the MiniLM backbone (and of MiniLM as its key encoder when the
+    config names one), as Compressor.from_backbone would build it without loading anything again."""
+    import copy
+
+    from service.models.compressor import Compressor
+    from service.models.key_encoder import KeyEncoder
+
+    backbone, tokenizer = minilm
+    key_encoder = KeyEncoder(copy.deepcopy(backbone), tokenizer) if config.key_encoder else None
+    return Compressor(config, copy.deepcopy(backbone), tokenizer, key_encoder)
+
+
 @pytest.fixture
 def make_modules(minilm):
     """Fresh CMT modules (own copy of the MiniLM backbone) for a given LLM."""
-    import copy
-
     from service.models.cmt import CMTModules
-    from service.models.compressor import Compressor
 
     def build(llm: HFCausalLM, seed: int = 0, **compressor):
         torch.manual_seed(seed)
         config = small_cmt_config(**compressor)
-        backbone, tokenizer = minilm
-        return CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), tokenizer), llm.layout)
+        return CMTModules(config, minilm_compressor(config.compressor, minilm), llm.layout)
 
     return build
 
@@ -100,17 +109,13 @@ def make_modules(minilm):
 def save_model_dirs(root: Path, llm: HFCausalLM, tokenizer, config, minilm) -> tuple[Path, Path]:
     """(llm_dir, checkpoint_dir) under root: the LLM saved with save_pretrained, random Θ/ψ/π of `config`
     (own copy of the MiniLM backbone, seed 0) with save_checkpoint."""
-    import copy
-
     from service.models.checkpoint import save_checkpoint
     from service.models.cmt import CMTModules
-    from service.models.compressor import Compressor
 
     llm.model.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     torch.manual_seed(0)
-    backbone, backbone_tokenizer = minilm
-    modules = CMTModules(config, Compressor(config.compressor, copy.deepcopy(backbone), backbone_tokenizer), llm.layout)
+    modules = CMTModules(config, minilm_compressor(config.compressor, minilm), llm.layout)
     save_checkpoint(root / "ckpt", modules, llm.identity)
     return root / "llm", root / "ckpt"
 

@@ -56,8 +56,9 @@ def _recall(
 def retrieval_recall(
     modules: CMTModules, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], bank: Bank
 ) -> dict[str, dict[str, float]]:
-    """Recall@1/@5 of the gold document: trained keys (by score, and with the checkpoint's recency rule
-    when it has one), untrained MiniLM mean-pooled, BM25."""
+    """Recall@1/@5 of the gold document: the checkpoint's keys (by score, with the checkpoint's recency rule
+    when it has one, and each part alone when they come from a key encoder plus a lexical part), Θ's
+    backbone mean-pooled (untrained), BM25."""
     index = {d: i for i, d in enumerate(bank.ids)}
     gold = [index[e.doc_id] for e in exs]
     questions = [e.question for e in exs]
@@ -67,6 +68,11 @@ def retrieval_recall(
     if margin > 0:
         picked = select_top_k_recent(q, bank.keys.float(), bank.timestamps, 5, margin).indices  # (Q, 5)
         out[f"cmt_keys_recency_margin_{margin:g}"] = _recall(picked, gold, ranked=True)
+    if modules.compressor.key_encoder is not None:  # [dense (d_s) ; lexical]: how much each part finds alone
+        d_s = modules.compressor.key_encoder.width
+        out["cmt_keys_dense_part_only"] = _recall(q[:, :d_s] @ bank.keys[:, :d_s].float().T, gold)
+        if modules.compressor.lexical_key is not None:
+            out["cmt_keys_lexical_part_only"] = _recall(q[:, d_s:] @ bank.keys[:, d_s:].float().T, gold)
 
     backbone, tok = modules.compressor.backbone, modules.compressor.tokenizer
 
@@ -81,6 +87,6 @@ def retrieval_recall(
             parts.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1).float().cpu())
         return torch.cat(parts)
 
-    out["minilm_mean_pooled_untrained"] = _recall(pooled(questions) @ pooled([d["text"] for d in docs]).T, gold)
+    out["theta_backbone_mean_pooled_untrained"] = _recall(pooled(questions) @ pooled([d["text"] for d in docs]).T, gold)
     out["bm25"] = _recall(bm25_top([d["text"] for d in docs], questions, 5), gold, ranked=True)
     return out

@@ -83,7 +83,7 @@ def select_top_k_recent(
     if K == 0:
         return pool
     times = timestamps.double().cpu()[pool.indices.clamp(min=0).cpu()].tolist()  # (B, C)
-    rows = [select_recent(s, t, K, margin) for s, t in zip(pool.scores.float().cpu().tolist(), times)]
+    rows = [select_recent(s, t, K, margin) for s, t in zip(pool.scores.float().cpu().tolist(), times, strict=True)]
     order = torch.tensor(rows, dtype=torch.long, device=pool.indices.device).view(-1, K)  # (B, K)
     return Selection(pool.indices.gather(1, order), pool.scores.gather(1, order))
 
@@ -104,7 +104,7 @@ def order_newest_first(selection: Selection, timestamps: torch.Tensor) -> Select
     ts = timestamps.double().cpu()[selection.indices.clamp(min=0).cpu()]  # (B, K)
     ts = torch.where(selection.mask.cpu(), ts, torch.full_like(ts, float("-inf")))  # (B, K)
     scores = selection.scores.double().cpu().masked_fill(~selection.mask.cpu(), float("-inf"))  # (B, K)
-    rows = [newest_first(t, s) for t, s in zip(ts.tolist(), scores.tolist())]
+    rows = [newest_first(t, s) for t, s in zip(ts.tolist(), scores.tolist(), strict=True)]
     order = torch.tensor(rows, dtype=torch.long, device=selection.indices.device)  # (B, K)
     return Selection(selection.indices.gather(1, order), selection.scores.gather(1, order))
 
@@ -141,7 +141,9 @@ class Aggregator(nn.Module):
                 f"doc_mask {tuple(doc_mask.shape)}"
             )
         if not (question.is_floating_point() and memories.is_floating_point()):
-            raise InvalidInputError(f"question and memories must be floating point, got {question.dtype}, {memories.dtype}")
+            raise InvalidInputError(
+                f"question and memories must be floating point, got {question.dtype}, {memories.dtype}"
+            )
         if K > self.config.max_docs:
             raise InvalidInputError(f"{K} documents exceed the aggregator's max_docs={self.config.max_docs}")
         if k != self.num_memory_tokens:

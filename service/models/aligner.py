@@ -17,9 +17,9 @@ positions per question, and every layer's prefix is what that layer expects by c
 
 from __future__ import annotations
 
-import torch
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from service.errors import InvalidInputError
@@ -55,10 +55,14 @@ class Aligner(nn.Module):
         self.layer_gain = nn.Parameter(torch.ones(l_n, D))  # (l_n, D)
         self.layer_bias = nn.Parameter(torch.zeros(l_n, D))  # (l_n, D)
         scale = config.output_rms or 0.02  # prompt tuning: n learned tokens at a real token's scale
-        self.prompt_embedding = nn.Parameter(torch.randn(config.prompt_tokens, D) * scale) if config.prompt_tokens else None
+        self.prompt_embedding = (
+            nn.Parameter(torch.randn(config.prompt_tokens, D) * scale) if config.prompt_tokens else None
+        )
         if config.residual:
             if memory_dim != D:
-                raise InvalidInputError(f"a residual aligner needs memory_dim equal to the LLM's width {D}, got {memory_dim}")
+                raise InvalidInputError(
+                    f"a residual aligner needs memory_dim equal to the LLM's width {D}, got {memory_dim}"
+                )
             nn.init.zeros_(self.up_proj.weight)  # starts as M* itself
             nn.init.zeros_(self.up_proj.bias)
 
@@ -80,7 +84,8 @@ class Aligner(nn.Module):
         (and only read) in "embeddings" mode."""
         if m_star.ndim != 3 or m_star.shape[1] != self.token_mix.shape[1] or not m_star.is_floating_point():
             raise InvalidInputError(
-                f"M* must be a float (B, {self.token_mix.shape[1]}, d_m) tensor, got {m_star.dtype} {tuple(m_star.shape)}"
+                f"M* must be a float (B, {self.token_mix.shape[1]}, d_m) tensor, "
+                f"got {m_star.dtype} {tuple(m_star.shape)}"
             )
         B, p = m_star.shape[0], self.config.prefix_len
         x = torch.einsum("pk,bkd->bpd", self.token_mix, m_star)  # (B, p, d_m)
@@ -99,7 +104,9 @@ class Aligner(nn.Module):
             lead, tail = self.config.lead_text, self.config.tail_text
             if lead or tail or self.prompt_embedding is not None:  # (B, n + lead + p + tail, d_llm)
                 before, after = (llm.text_embeddings(t).to(emb).expand(B, -1, -1) for t in (lead, tail))
-                prompt = emb[:, :0] if self.prompt_embedding is None else self.prompt_embedding.to(emb).expand(B, -1, -1)
+                prompt = (
+                    emb[:, :0] if self.prompt_embedding is None else self.prompt_embedding.to(emb).expand(B, -1, -1)
+                )
                 emb = torch.cat([prompt, before, emb, after], dim=1)
             return llm.prefix_from_embeddings(emb)
         l_n, H_kv, hd = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ from service.models.prompts import PromptProfile, get_profile
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-MODULE_FILES = {"compressor": "compressor.safetensors", "aggregator": "aggregator.safetensors", "aligner": "aligner.safetensors"}
+MODULE_FILES = {
+    "compressor": "compressor.safetensors",
+    "aggregator": "aggregator.safetensors",
+    "aligner": "aligner.safetensors",
+}
 
 
 def _backbone_identity(compressor: Compressor) -> dict[str, str]:
@@ -44,7 +48,18 @@ def _backbone_identity(compressor: Compressor) -> dict[str, str]:
     }
 
 
-def _state(module: torch.nn.Module | dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def _key_encoder_identity(compressor: Compressor) -> dict[str, str] | None:
+    """The frozen key encoder's name and fingerprint (None without one): part of what a stored key means."""
+    encoder = compressor.key_encoder
+    if encoder is None:
+        return None
+    return {"name": compressor.config.key_encoder,
+            "fingerprint": fingerprint(encoder.encoder.config, encoder.tokenizer)}
+
+
+def _state(
+    module: torch.nn.Module | dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """CPU copies of a module's tensors; floating ones cast to dtype when given (fp16 for shipping)."""
     state = module if isinstance(module, dict) else module.state_dict()
     cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
@@ -72,12 +87,16 @@ def save_checkpoint(
     backbone = _backbone_identity(modules.compressor)
     digest = hashlib.sha256((directory / MODULE_FILES["compressor"]).read_bytes())
     digest.update(backbone["fingerprint"].encode())
+    key_encoder = _key_encoder_identity(modules.compressor)
+    if key_encoder is not None:
+        digest.update(key_encoder["fingerprint"].encode())
     config = {
         "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "cmt": modules.config.to_dict(),
         "llm": {**asdict(llm), "layout": asdict(modules.aligner.layout)},
         "backbone": backbone,
+        **({"key_encoder": key_encoder} if key_encoder is not None else {}),
         "compressor_version": digest.hexdigest()[:16],
         "metrics": metrics or {},
         "prompt_profile": get_profile(prompt_profile).to_dict(),
@@ -134,6 +153,12 @@ def load_checkpoint(
         raise CheckpointMismatchError(
             f"checkpoint {directory} was trained on backbone '{config['backbone']['name']}', which differs "
             f"from the backbone found now at '{cmt_config.compressor.backbone}'"
+        )
+    key_encoder = _key_encoder_identity(modules.compressor)
+    if key_encoder is not None and key_encoder["fingerprint"] != config.get("key_encoder", {}).get("fingerprint"):
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} was trained with key encoder '{cmt_config.compressor.key_encoder}', which "
+            "differs from the encoder found now under that name: its stored keys would not match new ones"
         )
     try:
         states = {name: load_file(str(directory / file)) for name, file in MODULE_FILES.items()}

@@ -9,8 +9,8 @@ Letters: B questions, N docs in a bank, K selected docs, k memory tokens, d_m me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ class CMTModules(nn.Module):
         self.aligner = Aligner(config.aligner, layout, c.memory_dim, c.num_memory_tokens)
 
     @classmethod
-    def build(cls, config: CMTConfig, layout: KVLayout) -> "CMTModules":
+    def build(cls, config: CMTConfig, layout: KVLayout) -> CMTModules:
         """Fresh modules around the backbone the config names (randomly initialised heads)."""
         return cls(config, Compressor.from_backbone(config.compressor), layout)
 
@@ -66,7 +66,7 @@ class Bank:
     """An in-memory bank (tests, trainer evaluation); the service reads the same from Redis."""
 
     memories: torch.Tensor  # (N, k, d_m)
-    keys: torch.Tensor  # (N, d_m)
+    keys: torch.Tensor  # (N, d_k)
     timestamps: torch.Tensor  # (N,) seconds; newer is larger
     ids: list[str] = field(default_factory=list)
 
@@ -78,8 +78,9 @@ class Bank:
             self.ids = [str(i) for i in range(N)]
 
     @classmethod
-    def empty(cls, num_memory_tokens: int, memory_dim: int) -> "Bank":
-        return cls(torch.empty(0, num_memory_tokens, memory_dim), torch.empty(0, memory_dim), torch.empty(0))
+    def empty(cls, num_memory_tokens: int, memory_dim: int, key_dim: int | None = None) -> Bank:
+        key_dim = memory_dim if key_dim is None else key_dim
+        return cls(torch.empty(0, num_memory_tokens, memory_dim), torch.empty(0, key_dim), torch.empty(0))
 
     def gather(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected memories (B, K, k, d_m) and doc_mask (B, K)."""
@@ -132,8 +133,12 @@ class CMTPipeline:
         selection = select_top_k_recent(q.key, bank.keys.to(q.key.device), bank.timestamps, top_k, margin)
         selection = order_newest_first(selection, bank.timestamps)
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
-        prefix, has_memory = self.modules.prefix(q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm)
-        gens = self.llm.generate(self.prompts(questions), prefix, has_memory if prefix is not None else None, generation)
+        prefix, has_memory = self.modules.prefix(
+            q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm
+        )
+        gens = self.llm.generate(
+            self.prompts(questions), prefix, has_memory if prefix is not None else None, generation
+        )
         answers = []
         for b, gen in enumerate(gens):
             valid = selection.mask[b]

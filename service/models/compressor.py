@@ -1,7 +1,7 @@
 """Θ, the compressor: a document (or a question) of n tokens → k memory vectors and a retrieval key.
 
 Letters (see service.models.config): B docs, N chunks, L tokens per chunk, C most chunks of one
-doc, k memory tokens, d_e backbone width, d_m memory width.
+doc, k memory tokens, d_e backbone width, d_m memory width, d_k key width.
 
 A backbone encoder reads the text window by window (long documents are split into overlapping
 chunks, never cut); k learned soft tokens then cross-attend over the tokens of *all* chunks of
@@ -10,9 +10,9 @@ their document, with a chunk-order embedding so that the order of the text survi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from service.errors import InvalidInputError, PayloadTooLargeError
 from service.models.attention import CrossAttentionBlock
 from service.models.config import DEFAULT_BACKBONE, CompressorConfig
+from service.models.key_encoder import KeyEncoder, KeyWindows
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
 from service.models.token_pool import TokenPool
@@ -58,14 +59,17 @@ class ChunkedBatch:
     doc_index: torch.Tensor  # (N,) which document each chunk is from
     chunk_index: torch.Tensor  # (N,) position of the chunk inside its document
     num_docs: int
+    key_windows: KeyWindows | None = None
+    """The same texts in the key encoder's windows (CompressorConfig.key_encoder), else None."""
 
-    def to(self, device: torch.device | str) -> "ChunkedBatch":
+    def to(self, device: torch.device | str) -> ChunkedBatch:
         return ChunkedBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
             self.doc_index.to(device),
             self.chunk_index.to(device),
             self.num_docs,
+            None if self.key_windows is None else self.key_windows.to(device),
         )
 
 
@@ -74,7 +78,7 @@ class Compressed:
     """Θ's output for a batch."""
 
     memory: torch.Tensor  # (B, k, d_m)
-    key: torch.Tensor  # (B, d_m), L2-normalised retrieval key
+    key: torch.Tensor  # (B, d_k), L2-normalised retrieval key (d_k = CompressorConfig.retrieval_key_dim)
 
 
 class Compressor(nn.Module):
@@ -83,8 +87,19 @@ class Compressor(nn.Module):
         config: CompressorConfig,
         backbone: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
+        key_encoder: KeyEncoder | None = None,
     ) -> None:
         super().__init__()
+        if bool(config.key_encoder) != (key_encoder is not None):
+            raise InvalidInputError(
+                f"CompressorConfig.key_encoder={config.key_encoder!r}: a KeyEncoder is needed exactly when set"
+            )
+        key_dim = config.retrieval_key_dim
+        if key_encoder is not None and key_dim < key_encoder.width + (config.lexical_key_weight > 0):
+            raise InvalidInputError(
+                f"CompressorConfig.key_dim={key_dim} leaves no room for the lexical part after the key encoder's "
+                f"{key_encoder.width} dimensions: raise key_dim (e.g. 2048) or set lexical_key_weight=0"
+            )
         window = getattr(backbone.config, "max_position_embeddings", config.chunk_tokens)
         if config.chunk_tokens > window:
             raise InvalidInputError(
@@ -106,18 +121,22 @@ class Compressor(nn.Module):
             )
         self.token_pool = TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids) if pooled else None
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(d_m, config.num_heads, config.dropout) for _ in range(0 if pooled else config.num_layers)
+            CrossAttentionBlock(d_m, config.num_heads, config.dropout)
+            for _ in range(0 if pooled else config.num_layers)
         )
         self.out_norm = nn.LayerNorm(d_m)
-        self.key_proj = nn.Linear(d_m, d_m)
-        if config.key_from_backbone:  # the key starts as the pretrained text embedding; training adds to it
+        self.key_encoder = key_encoder
+        self.key_proj = None if key_encoder is not None else nn.Linear(d_m, d_m)  # a frozen encoder's key stays as is
+        if self.key_proj is not None and config.key_from_backbone:  # starts as the pretrained text embedding
             nn.init.zeros_(self.key_proj.weight)
             nn.init.zeros_(self.key_proj.bias)
-        self.lexical_key = (
-            LexicalKey(len(tokenizer), d_m, tokenizer.all_special_ids) if config.lexical_key_weight > 0 else None
-        )
+        key_tokenizer = tokenizer if key_encoder is None else key_encoder.tokenizer
+        buckets = d_m if key_encoder is None else key_dim - key_encoder.width  # summed with, or next to, the dense part
+        self.lexical_key = None
+        if config.lexical_key_weight > 0:
+            self.lexical_key = LexicalKey(len(key_tokenizer), buckets, key_tokenizer.all_special_ids)
 
-    def train(self, mode: bool = True) -> "Compressor":
+    def train(self, mode: bool = True) -> Compressor:
         """A frozen backbone stays in eval mode: its dropout would otherwise make training see noisy
         features that inference never sees (and make cached backbone states depend on when they were cached)."""
         super().train(mode)
@@ -126,8 +145,8 @@ class Compressor(nn.Module):
         return self
 
     @classmethod
-    def from_backbone(cls, config: CompressorConfig) -> "Compressor":
-        """Loads the backbone named in the config (local path, hub id or the packaged MiniLM)."""
+    def from_backbone(cls, config: CompressorConfig) -> Compressor:
+        """Loads the backbone (and key encoder) named in the config (local path, hub id or the packaged MiniLM)."""
         path = resolve_backbone(config.backbone)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token_id is None:  # decoder tokenizers: padded positions are masked anyway
@@ -135,18 +154,19 @@ class Compressor(nn.Module):
         backbone = AutoModel.from_pretrained(path)
         if config.backbone_layers:
             keep_first_layers(backbone, config.backbone_layers)
-        return cls(config, backbone, tokenizer)
+        key_encoder = KeyEncoder.load(resolve_backbone(config.key_encoder)) if config.key_encoder else None
+        return cls(config, backbone, tokenizer, key_encoder)
 
     @property
     def device(self) -> torch.device:
         return self.soft_tokens.device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights a checkpoint must hold: everything but a frozen backbone."""
+        """Weights a checkpoint must hold: everything but a frozen backbone and the (always frozen) key encoder."""
         return {
             name: t
             for name, t in self.state_dict().items()
-            if self.config.train_backbone or not name.startswith("backbone.")
+            if (self.config.train_backbone or not name.startswith("backbone.")) and not name.startswith("key_encoder.")
         }
 
     # ---- tokenization -------------------------------------------------------------------------
@@ -179,7 +199,8 @@ class Compressor(nn.Module):
                 f"{self.config.max_chunks} (about {limit} tokens) are allowed: split the document",
                 details={"texts": too_long},
             )
-        return ChunkedBatch(enc["input_ids"], enc["attention_mask"], doc_index, chunk_index, len(texts))
+        key_windows = None if self.key_encoder is None else self.key_encoder.tokenize(texts)
+        return ChunkedBatch(enc["input_ids"], enc["attention_mask"], doc_index, chunk_index, len(texts), key_windows)
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -206,13 +227,31 @@ class Compressor(nn.Module):
             for block in self.blocks:
                 x = block(x, ctx, ctx_mask)
             memory = self.out_norm(x)  # (B, k, d_m)
+        return Compressed(memory=memory, key=self._key(batch, memory, tokens))
+
+    def _key(self, batch: ChunkedBatch, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The retrieval key (B, d_k), L2-normalised. With a key encoder: [its dense part (B, d_s) ; β·lexical
+        (B, d_k − d_s)] over its tokenizer's ids, so a cosine is (dense cosine + β²·lexical cosine) / (1 + β²).
+        Without: a learned map of the memory plus Θ's mean-pooled backbone, plus β·lexical in the same d_m."""
+        if self.key_encoder is not None:
+            windows = batch.key_windows
+            key = self.key_encoder(windows)  # (B, d_s)
+            if self.lexical_key is not None:
+                lexical = self.lexical_key(
+                    windows.input_ids, windows.attention_mask, windows.text_index, batch.num_docs
+                )  # (B, d_k - d_s)
+                key = torch.cat([key, self.config.lexical_key_weight * lexical.to(key.dtype)], dim=-1)  # (B, d_k)
+            pad = self.config.retrieval_key_dim - key.shape[-1]
+            return F.normalize(F.pad(key, (0, pad)), dim=-1)  # (B, d_k)
         key = self.key_proj(memory.mean(dim=1))  # (B, d_m)
         if self.config.key_from_backbone:
             key = key + F.normalize(self._mean_pooled(tokens, batch), dim=-1)  # (B, d_m)
         if self.lexical_key is not None:
-            lexical = self.lexical_key(batch.input_ids, batch.attention_mask, batch.doc_index, B)  # (B, d_m)
+            lexical = self.lexical_key(
+                batch.input_ids, batch.attention_mask, batch.doc_index, batch.num_docs
+            )  # (B, d_m)
             key = F.normalize(key, dim=-1) + self.config.lexical_key_weight * lexical.to(key.dtype)  # (B, d_m)
-        return Compressed(memory=memory, key=F.normalize(key, dim=-1))
+        return F.normalize(key, dim=-1)
 
     def _pooled_memory(self, batch: ChunkedBatch, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
         """memory_values="token_embeddings": the token pool over the document's ids and input-token embeddings,
@@ -228,17 +267,19 @@ class Compressor(nn.Module):
     def _mean_pooled(tokens: torch.Tensor, batch: ChunkedBatch) -> torch.Tensor:
         """Mean of every real token of every chunk of a document (sentence-transformers pooling)."""
         m = batch.attention_mask.to(tokens.dtype)  # (N, L)
-        sums = tokens.new_zeros(batch.num_docs, tokens.shape[-1]).index_add(0, batch.doc_index, (tokens * m[..., None]).sum(1))  # (B, d_m)
+        per_chunk = (tokens * m[..., None]).sum(1)  # (N, d_m)
+        sums = tokens.new_zeros(batch.num_docs, tokens.shape[-1]).index_add(0, batch.doc_index, per_chunk)  # (B, d_m)
         counts = m.new_zeros(batch.num_docs).index_add(0, batch.doc_index, m.sum(1))  # (B,)
         return sums / counts.clamp(min=1)[:, None]  # (B, d_m)
 
     def fit_lexical_idf(self, texts: Sequence[str]) -> None:
-        """Start the token weights of the lexical key and of the token pool at this corpus' IDF (no-op without either)."""
-        if self.lexical_key is not None or self.token_pool is not None:
-            ids = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-            for part in (self.lexical_key, self.token_pool):
-                if part is not None:
-                    part.fit_idf(ids)
+        """Start the token weights of the lexical key and of the token pool at this corpus' IDF (no-op without
+        either), each over the ids of the tokenizer it reads."""
+        if self.token_pool is not None:
+            self.token_pool.fit_idf(self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
+        if self.lexical_key is not None:
+            key_tokenizer = self.tokenizer if self.key_encoder is None else self.key_encoder.tokenizer
+            self.lexical_key.fit_idf(key_tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Tokenize and encode in one call (no gradients: the serving path)."""

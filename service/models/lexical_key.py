@@ -29,7 +29,8 @@ class LexicalKey(nn.Module):
         ids = torch.arange(vocab_size, dtype=torch.int64)  # (V,)
         self.weight = nn.Parameter(torch.ones(vocab_size))  # (V,) learned token weights (IDF at the start)
         self.register_buffer("bucket", (ids * _BUCKET_MULT % 2**32) % dim, persistent=False)  # (V,)
-        self.register_buffer("sign", 1.0 - 2.0 * ((ids * _SIGN_MULT % 2**32) >> 16 & 1).float(), persistent=False)  # (V,)
+        sign = 1.0 - 2.0 * ((ids * _SIGN_MULT % 2**32) >> 16 & 1).float()  # (V,)
+        self.register_buffer("sign", sign, persistent=False)  # (V,)
         usable = torch.ones(vocab_size, dtype=torch.bool)
         usable[[i for i in special_ids if 0 <= i < vocab_size]] = False  # [CLS], [SEP], [PAD] say nothing
         self.register_buffer("usable", usable, persistent=False)  # (V,)
@@ -45,7 +46,9 @@ class LexicalKey(nn.Module):
         idf = torch.log1p((n - df + 0.5) / (df + 0.5)) if n else torch.full_like(df, math.log(2.0))  # (V,)
         self.weight.copy_(idf.float())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, doc_index: torch.Tensor, num_docs: int) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, doc_index: torch.Tensor, num_docs: int
+    ) -> torch.Tensor:
         """input_ids, attention_mask (N, L) of the chunks, doc_index (N,) → (B, d_m), L2-normalised."""
         V = len(self.weight)
         rows = doc_index[:, None].expand_as(input_ids)  # (N, L)
@@ -53,5 +56,6 @@ class LexicalKey(nn.Module):
         pairs = torch.unique(rows[real] * V + input_ids[real])  # (P,) each distinct (text, token) once
         text, token = pairs // V, pairs % V  # (P,), (P,)
         values = self.weight[token] * self.sign[token]  # (P,)
-        lexical = values.new_zeros(num_docs, self.dim).index_put((text, self.bucket[token]), values, accumulate=True)  # (B, d_m)
+        where = (text, self.bucket[token])  # (P,), (P,)
+        lexical = values.new_zeros(num_docs, self.dim).index_put(where, values, accumulate=True)  # (B, d_m)
         return F.normalize(lexical, dim=-1)

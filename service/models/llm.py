@@ -11,9 +11,10 @@ KV prefix (service.models.prefix). Decoding is a small loop of our own rather th
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -107,7 +108,9 @@ class LLMBackend(Protocol):
 class HFCausalLM:
     """A frozen `AutoModelForCausalLM` with its tokenizer, prompting with a per-request KV prefix."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name_or_path: str | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name_or_path: str | None = None
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:  # left padding needs some id; padded positions are masked
@@ -130,7 +133,7 @@ class HFCausalLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         cache_dir: str | Path | None = None,
-    ) -> "HFCausalLM":
+    ) -> HFCausalLM:
         """Load from a local directory, a hub id (needs the network), a .gguf file or a packaged name
         such as smollm2-135m-instruct; GGUFs are converted once into `cache_dir` (service.models.llm_source)."""
         source = resolve_llm(name_or_path, cache_dir)
@@ -194,7 +197,9 @@ class HFCausalLM:
         B, p, _ = embeddings.shape
         cache = DynamicCache(config=self.model.config)
         positions = torch.arange(p, device=self.device).expand(B, p)  # (B, p)
-        self.model.base_model(inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True)
+        self.model.base_model(
+            inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True
+        )
         return KVPrefix.from_cache(cache)
 
     def text_embeddings(self, text: str) -> torch.Tensor:
@@ -202,7 +207,9 @@ class HFCausalLM:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return self.model.get_input_embeddings()(torch.tensor(ids, dtype=torch.long, device=self.device))
 
-    def choose_token(self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    def choose_token(
+        self, logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """Next token (B,) from logits (B, V)."""
         if not config.do_sample:
             return logits.argmax(dim=-1)
@@ -251,8 +258,8 @@ class HFCausalLM:
         step_ids = input_ids
         for _ in range(config.max_new_tokens):
             logits = self.model(  # logits of the last position only: the prompt's others would cost B'·n·V
-                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1,
+                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
             ).logits[:, -1].float()  # (B', V)
             if two_pass:
                 logits = (1 + config.alpha) * logits[:B] - config.alpha * logits[B:]  # (B, V)
@@ -283,7 +290,9 @@ class HFCausalLM:
                     continue
                 tokens[i].append(t)
                 if config.stop_strings:
-                    _, stopped = cut_at_stop(self.tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings)
+                    _, stopped = cut_at_stop(
+                        self.tokenizer.decode(tokens[i], skip_special_tokens=True), config.stop_strings
+                    )
                     if stopped:
                         reasons[i] = "stop"
             if all(r is not None for r in reasons):

@@ -83,7 +83,9 @@ def packaged_gguf_path(package: PackagedGGUF) -> Path:
         raise LLMSourceError(f"the LLM package {package.distribution!r} is not installed: {how}")
     path = Path(list(spec.submodule_search_locations)[0]) / package.filename
     if not path.is_file():
-        raise LLMSourceError(f"{path} is missing from the installed package {package.distribution!r}: reinstall it ({how})")
+        raise LLMSourceError(
+            f"{path} is missing from the installed package {package.distribution!r}: reinstall it ({how})"
+        )
     return path
 
 

@@ -31,7 +31,7 @@ class KVLayout:
     """Width of the LLM's input embeddings (what an "embeddings" aligner produces)."""
 
     @classmethod
-    def from_config(cls, config: Any) -> "KVLayout":
+    def from_config(cls, config: Any) -> KVLayout:
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -61,7 +61,7 @@ class KVPrefix:
         if not self.keys or len(self.keys) != len(self.values):
             raise InvalidInputError("a KV prefix needs one key and one value per layer")
         shape = self.keys[0].shape
-        for k, v in zip(self.keys, self.values):
+        for k, v in zip(self.keys, self.values, strict=True):
             if k.ndim != 4 or k.shape != shape or v.shape != shape:
                 raise InvalidInputError(
                     f"every prefix key/value must be (B, H_kv, p, hd) of one shape, got "
@@ -84,11 +84,11 @@ class KVPrefix:
                 f"{layout.num_layers} × {layout.num_kv_heads} × {layout.head_dim}"
             )
 
-    def row(self, b: int) -> "KVPrefix":
+    def row(self, b: int) -> KVPrefix:
         """Row b alone, as a prefix of batch 1."""
         return KVPrefix([k[b : b + 1] for k in self.keys], [v[b : b + 1] for v in self.values])
 
-    def repeat(self, times: int) -> "KVPrefix":
+    def repeat(self, times: int) -> KVPrefix:
         """Stack the batch `times` over (rows i, B+i, … share a prefix): the α pass pairs."""
         return KVPrefix(
             [k.repeat(times, 1, 1, 1) for k in self.keys], [v.repeat(times, 1, 1, 1) for v in self.values]
@@ -97,13 +97,13 @@ class KVPrefix:
     def to_cache(self, config: Any, dtype: torch.dtype | None = None) -> DynamicCache:
         """A fresh cache for one forward/generate; the prefix tensors keep their autograd graph."""
         cache = DynamicCache(config=config)
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
             cache.update(k, v, layer)
         return cache
 
     @classmethod
-    def from_cache(cls, cache: DynamicCache) -> "KVPrefix":
+    def from_cache(cls, cache: DynamicCache) -> KVPrefix:
         """An LLM's own KV of a context as a prefix (the exactness reference)."""
         return cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])

@@ -68,7 +68,8 @@ class PromptProfile:
         if not self.shots_in_question_prompt:
             return self.question_template.format(question=question)
         return self._with_shots(
-            self.question_template.format(question=question), lambda s: self.question_template.format(question=s.question)
+            self.question_template.format(question=question),
+            lambda s: self.question_template.format(question=s.question),
         )
 
     def context_prompt(self, question: str, documents: Sequence[str]) -> str:
@@ -86,7 +87,9 @@ class PromptProfile:
             return prompt
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidInputError(f"prompt profile {self.name!r} needs a chat template; this tokenizer has none")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def question_text(self, tokenizer: Any, question: str) -> str:
         """What the LLM reads for a question alone: question_prompt, wrapped."""
@@ -102,7 +105,7 @@ class PromptProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PromptProfile":
+    def from_dict(cls, data: dict[str, Any]) -> PromptProfile:
         data = dict(data)
         data["shots"] = tuple(ShotExample(**s) for s in data.get("shots", ()))
         data["stop_strings"] = tuple(data.get("stop_strings", ("\n",)))
@@ -112,7 +115,10 @@ class PromptProfile:
 # Two short SQuAD-style examples: they teach the answer format (a short span, one line), not facts.
 _SHOTS = (
     ShotExample(
-        context="The Eiffel Tower was built for the 1889 World's Fair in Paris and was designed by Gustave Eiffel's company.",
+        context=(
+            "The Eiffel Tower was built for the 1889 World's Fair in Paris and was designed by "
+            "Gustave Eiffel's company."
+        ),
         question="When was the Eiffel Tower built?",
         answer="1889",
     ),

@@ -47,8 +47,12 @@ def pack_prefix(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[st
     payload crosses vLLM's front-end → engine-core boundary, which serializes `extra_args` untyped."""
     kv = torch.stack([torch.cat([k, v]) for k, v in zip(keys, values, strict=True)])  # (L, 2, H_kv, p, hd)
     kv = kv.detach().to("cpu").contiguous()
-    return {"data": kv.view(torch.uint8).numpy().tobytes(), "shape": list(kv.shape), "dtype": str(kv.dtype).split(".")[1],
-            "length": int(kv.shape[3])}
+    return {
+        "data": kv.view(torch.uint8).numpy().tobytes(),
+        "shape": list(kv.shape),
+        "dtype": str(kv.dtype).split(".")[1],
+        "length": int(kv.shape[3]),
+    }
 
 
 def unpack_prefix(payload: dict[str, Any]) -> torch.Tensor:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig as HFGenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import GenerationConfig as HFGenerationConfig
 
 from service.errors import InvalidInputError, ModelError
 from service.models.continuous import Step
@@ -171,7 +172,9 @@ class VLLMCausalLM:
         ids = self.tokenizer(prompt)["input_ids"]
         p = 0 if prefix is None else prefix.length
         if p + len(ids) >= self.max_model_len:
-            raise InvalidInputError(f"prefix + prompt = {p + len(ids)} positions exceed the engine's {self.max_model_len}")
+            raise InvalidInputError(
+                f"prefix + prompt = {p + len(ids)} positions exceed the engine's {self.max_model_len}"
+            )
         extra = None
         if prefix is not None:
             prefix.check_layout(self.layout)
@@ -232,7 +235,9 @@ class VLLMCausalLM:
 
     def finish(self, request: _Request, reason: str | None = None) -> Generation:
         request.reason = request.reason or reason
-        text, _ = cut_at_stop(self.tokenizer.decode(request.tokens, skip_special_tokens=True), request.config.stop_strings)
+        text, _ = cut_at_stop(
+            self.tokenizer.decode(request.tokens, skip_special_tokens=True), request.config.stop_strings
+        )
         return Generation(text.strip(), request.tokens, request.reason or "length", request.prompt_tokens)
 
     def decoder(self, max_rows: int = 64) -> VLLMDecoder:

@@ -87,8 +87,9 @@ class Engine:
     def memory_value_bytes(self, compressor_version: str | None = None) -> int:
         """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""
         cv = self.compressor_version if compressor_version is None else compressor_version
-        d_m = self.modules.config.compressor.memory_dim
-        return codec.encoded_size(self.num_memory_tokens, d_m, cv, key_dtype=STORED_DTYPE, memory_dtype=STORED_DTYPE)
+        c = self.modules.config.compressor
+        return codec.encoded_size(self.num_memory_tokens, c.memory_dim, cv, key_dtype=STORED_DTYPE,
+                                  memory_dtype=STORED_DTYPE, d_k=c.retrieval_key_dim)
 
     def encode_questions(self, questions: Sequence[str]) -> Compressed:
         """Θ(q) kept on the model's device in fp32 (ψ reads its tokens)."""

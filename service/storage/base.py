@@ -118,7 +118,7 @@ class StoredMemory:
 
     doc_id: str
     memory: torch.Tensor  # (k, d_m) fp16 (or bf16 if written as bf16)
-    key: torch.Tensor  # (d_m,) fp32 (stored as fp16 or fp32: see codec.py)
+    key: torch.Tensor  # (d_k,) fp32 (stored as fp16 or fp32: see codec.py)
     compressor_version: str
 
 
@@ -128,7 +128,7 @@ class MemoryWrite:
 
     doc: DocumentInput
     memory: torch.Tensor  # (k, d_m)
-    key: torch.Tensor  # (d_m,)
+    key: torch.Tensor  # (d_k,)
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class IndexEntry:
     """What the in-process index keeps per document (no text, no memory)."""
 
     id: str
-    key: np.ndarray = field(repr=False)  # (d_m,) float32, as stored (not normalised)
+    key: np.ndarray = field(repr=False)  # (d_k,) float32, as stored (not normalised)
     compressor_version: str
     source: str | None
     published_at: datetime | None

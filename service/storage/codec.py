@@ -9,15 +9,20 @@ Layout (all integers little-endian)::
 
     offset size  field
     0      4     magic b"CMTM"
-    4      1     format version (1)
+    4      1     format version (1 or 2)
     5      1     memory dtype code (1 = fp16, 2 = bf16)
     6      1     key dtype code (3 = fp32, 4 = fp16)
     7      1     length L of the compressor version (UTF-8, 1..255 bytes)
     8      4     k (uint32)
     12     4     d_m (uint32)
-    16     L     compressor version
-    16+L   w·d_m retrieval key, fp16 (w=2) or fp32 (w=4)    # (d_m,)
+    16     4     d_k, the key's width (uint32): format 2 only; format 1 has d_k = d_m and no such field
+    H      L     compressor version                       (H = 16 for format 1, 20 for format 2)
+    H+L    w·d_k retrieval key, fp16 (w=2) or fp32 (w=4)    # (d_k,)
     ...    2·k·d_m memory, fp16 or bf16, row-major         # (k, d_m)
+
+A value whose key is as wide as its memory is written in format 1, byte for byte what builds before
+format 2 wrote (so a rollback still reads it); a wider key (a checkpoint with a key encoder and a
+lexical part, CompressorConfig.key_dim) needs format 2. Both are read.
 
 Both parts are stored in the dtype they come in, so the round trip is bit-exact: an fp16 key in
 2 bytes per value (what the service's Θ hands over: `Engine.compress` casts memory and key to
@@ -37,9 +42,9 @@ import torch
 from service.errors import InvalidInputError, StorageUnavailableError
 
 MAGIC = b"CMTM"
-FORMAT_VERSION = 1
-HEADER = struct.Struct("<4sBBBBII")  # magic, format, mem dtype, key dtype, cv length, k, d_m
-HEADER_SIZE = HEADER.size  # 16
+FORMAT_VERSION = 2
+HEADERS = {1: struct.Struct("<4sBBBBII"), 2: struct.Struct("<4sBBBBIII")}  # ..., cv length, k, d_m[, d_k]
+HEADER_SIZE = HEADERS[FORMAT_VERSION].size  # 20: enough bytes to parse either format's header
 MAX_VERSION_BYTES = 255
 MAX_K = 4096
 MAX_D_M = 65536
@@ -74,7 +79,7 @@ class DecodedPrefix:
     compressor_version: str
     k: int
     d_m: int
-    key: np.ndarray  # (d_m,) float32
+    key: np.ndarray  # (d_k,) float32
 
 
 def _check_version(compressor_version: str) -> bytes:
@@ -88,8 +93,8 @@ def _check_version(compressor_version: str) -> bytes:
     return raw
 
 
-def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
-    """Check shapes, dtypes and finiteness; return (k, d_m). Raises InvalidInputError."""
+def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int]:
+    """Check shapes, dtypes and finiteness; return (k, d_m, d_k). Raises InvalidInputError."""
     if not isinstance(memory, torch.Tensor) or not isinstance(key, torch.Tensor):
         raise InvalidInputError("memory and key must be torch tensors")
     if memory.dim() != 2:
@@ -99,8 +104,8 @@ def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
         raise InvalidInputError(f"memory shape {(k, d_m)} out of range (1..{MAX_K}, 1..{MAX_D_M})")
     if memory.dtype not in _MEM_CODES:
         raise InvalidInputError(f"memory dtype must be float16 or bfloat16; got {memory.dtype}")
-    if key.shape != (d_m,):
-        raise InvalidInputError(f"key must have shape ({d_m},) to match memory; got {tuple(key.shape)}")
+    if key.dim() != 1 or not d_m <= key.shape[0] <= MAX_D_M:
+        raise InvalidInputError(f"key must have shape (d_k,) with {d_m} <= d_k <= {MAX_D_M}; got {tuple(key.shape)}")
     if not key.dtype.is_floating_point:
         raise InvalidInputError(f"key must be a floating tensor; got {key.dtype}")
     if not bool(torch.isfinite(memory).all()):
@@ -109,40 +114,62 @@ def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
         raise InvalidInputError("key contains NaN or infinite values")
     if float(key.float().norm()) == 0.0:
         raise InvalidInputError("key is the zero vector; cosine retrieval is undefined for it")
-    return int(k), int(d_m)
+    return int(k), int(d_m), int(key.shape[0])
 
 
 def encode(memory: torch.Tensor, key: torch.Tensor, compressor_version: str) -> bytes:
-    """Encode memory (k, d_m) fp16/bf16 and key (d_m,) float into one value."""
+    """Encode memory (k, d_m) fp16/bf16 and key (d_k,) float into one value (format 1 when d_k = d_m)."""
     version = _check_version(compressor_version)
-    k, d_m = validate_memory(memory, key)
+    k, d_m, d_k = validate_memory(memory, key)
     key_code = _key_code(key.dtype)
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, _MEM_CODES[memory.dtype], key_code, len(version), k, d_m)
+    fields = (_MEM_CODES[memory.dtype], key_code, len(version), k, d_m)
+    header = HEADERS[1].pack(MAGIC, 1, *fields) if d_k == d_m else HEADERS[2].pack(MAGIC, 2, *fields, d_k)
     np_dtype = _KEY_FORMATS[key_code][0]
-    key_bytes = key.detach().to("cpu", torch.float32).contiguous().numpy().astype(np_dtype).tobytes()  # (d_m,)
+    key_bytes = key.detach().to("cpu", torch.float32).contiguous().numpy().astype(np_dtype).tobytes()  # (d_k,)
     mem_u8 = memory.detach().to("cpu").contiguous().view(torch.uint8)  # (k, 2·d_m) raw bytes; bf16 has no numpy
     return b"".join((header, version, key_bytes, mem_u8.numpy().tobytes()))
 
 
-def _parse_header(buf: bytes | memoryview) -> tuple[int, int, int, int, int]:
-    if len(buf) < HEADER_SIZE:
+@dataclass(frozen=True)
+class _Header:
+    mem_code: int
+    key_code: int
+    vlen: int
+    k: int
+    d_m: int
+    d_k: int
+    size: int  # bytes of the header itself
+
+    @property
+    def key_offset(self) -> int:
+        return self.size + self.vlen
+
+    @property
+    def memory_offset(self) -> int:
+        return self.key_offset + _KEY_FORMATS[self.key_code][1] * self.d_k
+
+
+def _parse_header(buf: bytes | memoryview) -> _Header:
+    if len(buf) < 5 or bytes(buf[:4]) != MAGIC:
+        raise CorruptMemoryError(f"stored value starts with {bytes(buf[:4])!r}, not {MAGIC!r}: not a CMT memory")
+    fmt = buf[4]
+    if fmt not in HEADERS:
+        raise CorruptMemoryError(f"stored memory has format version {fmt}; this build reads {sorted(HEADERS)}")
+    struct_ = HEADERS[fmt]
+    if len(buf) < struct_.size:
         raise CorruptMemoryError(f"stored memory value is {len(buf)} bytes, shorter than its header")
-    magic, fmt, mem_code, key_code, vlen, k, d_m = HEADER.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise CorruptMemoryError(f"stored value has magic {magic!r}, not {MAGIC!r}: not a CMT memory")
-    if fmt != FORMAT_VERSION:
-        raise CorruptMemoryError(f"stored memory has format version {fmt}; this build reads {FORMAT_VERSION}")
+    _, _, mem_code, key_code, vlen, k, d_m, *rest = struct_.unpack_from(buf, 0)
+    d_k = rest[0] if rest else d_m
     if mem_code not in _MEM_DTYPES or key_code not in _KEY_FORMATS:
         raise CorruptMemoryError(f"stored memory has unknown dtype codes ({mem_code}, {key_code})")
-    if vlen == 0 or not (1 <= k <= MAX_K and 1 <= d_m <= MAX_D_M):
-        raise CorruptMemoryError(f"stored memory header is out of range (k={k}, d_m={d_m}, L={vlen})")
-    return mem_code, key_code, vlen, k, d_m
+    if vlen == 0 or not (1 <= k <= MAX_K and 1 <= d_m <= d_k <= MAX_D_M):
+        raise CorruptMemoryError(f"stored memory header is out of range (k={k}, d_m={d_m}, d_k={d_k}, L={vlen})")
+    return _Header(mem_code, key_code, vlen, k, d_m, d_k, struct_.size)
 
 
 def prefix_length(value_prefix: bytes) -> int:
-    """Bytes needed to decode the key prefix, given at least the header; used to re-fetch."""
-    _, key_code, vlen, _, d_m = _parse_header(value_prefix)
-    return HEADER_SIZE + vlen + _KEY_FORMATS[key_code][1] * d_m
+    """Bytes needed to decode the key prefix, given at least the header (HEADER_SIZE bytes); used to re-fetch."""
+    return _parse_header(value_prefix).memory_offset
 
 
 def decode_prefix(buf: bytes) -> DecodedPrefix:
@@ -150,34 +177,31 @@ def decode_prefix(buf: bytes) -> DecodedPrefix:
 
     Raises CorruptMemoryError if `buf` is shorter than needed (use prefix_length to re-fetch).
     """
-    _, key_code, vlen, k, d_m = _parse_header(buf)
-    key_dtype, key_width = _KEY_FORMATS[key_code]
-    need = HEADER_SIZE + vlen + key_width * d_m
-    if len(buf) < need:
-        raise CorruptMemoryError(f"stored memory prefix is {len(buf)} bytes; needs {need}")
+    h = _parse_header(buf)
+    if len(buf) < h.memory_offset:
+        raise CorruptMemoryError(f"stored memory prefix is {len(buf)} bytes; needs {h.memory_offset}")
     try:
-        version = bytes(buf[HEADER_SIZE : HEADER_SIZE + vlen]).decode("utf-8")
+        version = bytes(buf[h.size : h.key_offset]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptMemoryError("stored compressor version is not UTF-8") from exc
-    key = np.frombuffer(buf, dtype=key_dtype, count=d_m, offset=HEADER_SIZE + vlen).astype(np.float32)  # (d_m,)
-    return DecodedPrefix(version, k, d_m, key)
+    key_dtype = _KEY_FORMATS[h.key_code][0]
+    key = np.frombuffer(buf, dtype=key_dtype, count=h.d_k, offset=h.key_offset).astype(np.float32)  # (d_k,)
+    return DecodedPrefix(version, h.k, h.d_m, key)
 
 
 def decode(buf: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Decode a full value into (memory (k, d_m) fp16/bf16, key (d_m,) fp32, compressor_version)."""
-    mem_code, key_code, vlen, k, d_m = _parse_header(buf)
-    key_off = HEADER_SIZE + vlen
-    mem_off = key_off + _KEY_FORMATS[key_code][1] * d_m
-    dtype = _MEM_DTYPES[mem_code]
-    expected = mem_off + k * d_m * 2
+    """Decode a full value into (memory (k, d_m) fp16/bf16, key (d_k,) fp32, compressor_version)."""
+    h = _parse_header(buf)
+    k, d_m = h.k, h.d_m
+    expected = h.memory_offset + k * d_m * 2
     if len(buf) != expected:
         raise CorruptMemoryError(
-            f"stored memory value is {len(buf)} bytes; header (k={k}, d_m={d_m}) says {expected}"
+            f"stored memory value is {len(buf)} bytes; header (k={k}, d_m={d_m}, d_k={h.d_k}) says {expected}"
         )
-    prefix = decode_prefix(buf[:mem_off])
-    raw = np.frombuffer(buf, dtype=np.uint8, count=k * d_m * 2, offset=mem_off)  # (2·k·d_m,)
-    memory = torch.from_numpy(raw.copy()).view(dtype).reshape(k, d_m)  # (k, d_m)
-    key = torch.from_numpy(prefix.key)  # (d_m,)
+    prefix = decode_prefix(buf[: h.memory_offset])
+    raw = np.frombuffer(buf, dtype=np.uint8, count=k * d_m * 2, offset=h.memory_offset)  # (2·k·d_m,)
+    memory = torch.from_numpy(raw.copy()).view(_MEM_DTYPES[h.mem_code]).reshape(k, d_m)  # (k, d_m)
+    key = torch.from_numpy(prefix.key)  # (d_k,)
     return memory, key, prefix.compressor_version
 
 
@@ -187,17 +211,20 @@ def theoretical_bytes(k: int, d_m: int) -> int:
 
 
 def encoded_size(
-    k: int, d_m: int, compressor_version: str, *, key_dtype: torch.dtype, memory_dtype: torch.dtype = torch.float16
+    k: int, d_m: int, compressor_version: str, *, key_dtype: torch.dtype, memory_dtype: torch.dtype = torch.float16,
+    d_k: int | None = None,
 ) -> int:
-    """Exact size of encode()'s output for a (k, d_m) memory and a (d_m,) key of these dtypes.
+    """Exact size of encode()'s output for a (k, d_m) memory and a (d_k,) key (default d_k = d_m) of these dtypes.
 
     `memory_dtype` is the dtype handed to encode (fp16 or bf16: 2 bytes a value); `key_dtype`
     decides the key's width exactly as encode does (fp16: 2 bytes, any other: 4).
     """
     if memory_dtype not in _MEM_CODES:
         raise InvalidInputError(f"memory dtype must be float16 or bfloat16; got {memory_dtype}")
+    d_k = d_m if d_k is None else d_k
+    header = HEADERS[1 if d_k == d_m else 2].size
     key_width = _KEY_FORMATS[_key_code(key_dtype)][1]
-    return HEADER_SIZE + len(compressor_version.encode("utf-8")) + key_width * d_m + 2 * k * d_m
+    return header + len(compressor_version.encode("utf-8")) + key_width * d_k + 2 * k * d_m
 
 
 def to_storable_memory(memory: torch.Tensor) -> torch.Tensor:

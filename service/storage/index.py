@@ -178,7 +178,7 @@ class VectorIndex:
             if st.n_alive == 0:
                 return []
             if q.shape[0] != st.d:
-                raise InvalidInputError(f"query has dimension {q.shape[0]}; the index holds d_m={st.d}")
+                raise InvalidInputError(f"query has dimension {q.shape[0]}; the index holds keys of dimension {st.d}")
             mask = st.mask(compressor_version, f.source, None if pf is None else to_us(pf),
                            None if pt is None else to_us(pt))  # (n,) bool or None (= every live row)
             m = st.n_alive if mask is None else int(np.count_nonzero(mask))

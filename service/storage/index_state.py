@@ -133,7 +133,9 @@ class IndexState:
             self._alloc(int(entries[0].key.shape[0]), max(1024, len(entries)))
         keys = np.stack([np.asarray(e.key, np.float32).reshape(-1) for e in entries])  # (B, d)
         if keys.shape[1] != self.d:
-            raise InvalidInputError(f"retrieval key of dimension {keys.shape[1]}; the index holds d_m={self.d}")
+            raise InvalidInputError(
+                f"retrieval key of dimension {keys.shape[1]}; the index holds keys of dimension {self.d}"
+            )
         norms = np.linalg.norm(keys, axis=1, keepdims=True)  # (B, 1)
         keys /= np.where(norms == 0, 1, norms)
         self.remove([e.id for e in entries])

@@ -98,7 +98,7 @@ class StreamAndAdminMixin:
         _, source, pub, received = meta
         return IndexEntry(
             id=doc_id,
-            key=p.key,  # (d_m,)
+            key=p.key,  # (d_k,)
             compressor_version=p.compressor_version,
             source=decode_optional(source),
             published_at=None if pub is None else from_us(int(pub)),

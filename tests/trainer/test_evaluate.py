@@ -89,7 +89,7 @@ def test_evaluation_command_writes_the_full_protocol_report(tmp_path, model_dirs
     assert shares == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert all(abs(p["actual_share"] - p["irrelevant_share"]) < 0.05 for p in report["robustness"])
 
-    for method in ("cmt_keys", "minilm_mean_pooled_untrained", "bm25"):
+    for method in ("cmt_keys", "theta_backbone_mean_pooled_untrained", "bm25"):
         r = report["retrieval"][method]
         assert 0 <= r["recall_at_1"] <= r["recall_at_5"] <= 100
     assert report["retrieval"]["bm25"]["recall_at_5"] > 50, "entity names make BM25 find the gold document"

@@ -44,7 +44,9 @@ def test_select_top_k_recent_matches_the_rule_row_by_row_and_handles_an_empty_ba
     full = q @ bank.T  # (B, N)
     for b in range(2):
         pool = full[b].topk(8)
-        expected = [pool.indices[j].item() for j in select_recent(pool.values.tolist(), times[pool.indices].tolist(), 2, 0.2)]
+        expected = [
+            pool.indices[j].item() for j in select_recent(pool.values.tolist(), times[pool.indices].tolist(), 2, 0.2)
+        ]
         assert sel.indices[b].tolist() == expected
     assert torch.equal(select_top_k_recent(q, bank, times, 2, margin=0.0).indices, select_top_k(q, bank, 2).indices)
     assert select_top_k_recent(q, torch.empty(0, 16), torch.empty(0), 2, margin=0.2).indices.shape == (2, 0)
@@ -95,7 +97,9 @@ def test_bad_aggregator_inputs_raise_clear_errors(make_modules, bpe_tokenizer):
     with pytest.raises(InvalidInputError, match="floating point"):
         select_top_k(torch.ones(1, 8, dtype=torch.long), torch.randn(3, 8), 2)
     with pytest.raises(InvalidInputError, match="floating point"):
-        modules.aggregator(torch.randn(1, 4, 384), torch.ones(1, 2, 4, 384, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+        modules.aggregator(
+            torch.randn(1, 4, 384), torch.ones(1, 2, 4, 384, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool)
+        )
     with pytest.raises(InvalidInputError, match="same d"):
         select_top_k(torch.randn(1, 8), torch.randn(3, 9), 2)
     with pytest.raises(InvalidInputError, match="shape mismatch"):

@@ -37,13 +37,17 @@ def test_bad_m_star_and_mismatched_prefix_are_refused(llm):
         aligner(torch.ones(2, 4, 384, dtype=torch.int64))
     with pytest.raises(InvalidInputError, match="one shape"):
         KVPrefix([torch.randn(1, 2, 3, 4)], [torch.randn(1, 2, 3, 5)])
-    wrong = KVPrefix([torch.randn(1, 7, 2, 16)] * llm.layout.num_layers, [torch.randn(1, 7, 2, 16)] * llm.layout.num_layers)
+    wrong = KVPrefix(
+        [torch.randn(1, 7, 2, 16)] * llm.layout.num_layers, [torch.randn(1, 7, 2, 16)] * llm.layout.num_layers
+    )
     with pytest.raises(InvalidInputError, match="kv heads"):
         wrong.check_layout(llm.layout)
 
 
 def test_embeddings_aligner_prefix_comes_from_the_llm_and_trains_through_it(llm):
-    aligner = Aligner(AlignerConfig(prefix_len=5, hidden_dim=32, mode="embeddings"), llm.layout, memory_dim=384, num_memory_tokens=4)
+    aligner = Aligner(
+        AlignerConfig(prefix_len=5, hidden_dim=32, mode="embeddings"), llm.layout, memory_dim=384, num_memory_tokens=4
+    )
     m_star = torch.randn(2, 4, 384)
     with pytest.raises(InvalidInputError, match="needs the frozen LLM"):
         aligner(m_star)

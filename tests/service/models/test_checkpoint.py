@@ -24,7 +24,9 @@ def _outputs(pipeline: CMTPipeline, paragraphs):
 
 
 @pytest.mark.parametrize("lexical_key_weight", [0.0, 1.0])
-def test_checkpoint_round_trip_reproduces_outputs_bit_exactly(make_modules, bpe_tokenizer, paragraphs, tmp_path, lexical_key_weight):
+def test_checkpoint_round_trip_reproduces_outputs_bit_exactly(
+    make_modules, bpe_tokenizer, paragraphs, tmp_path, lexical_key_weight
+):
     llm = tiny_llama(bpe_tokenizer)
     modules = make_modules(llm, seed=3, lexical_key_weight=lexical_key_weight)
     with torch.no_grad():  # move weights off their init so a skipped load would show
@@ -38,7 +40,10 @@ def test_checkpoint_round_trip_reproduces_outputs_bit_exactly(make_modules, bpe_
     a_docs, a_prefix, a_answer = _outputs(CMTPipeline(modules, llm), paragraphs)
     b_docs, b_prefix, b_answer = _outputs(CMTPipeline(loaded, llm), paragraphs)
     assert torch.equal(a_docs.memory, b_docs.memory) and torch.equal(a_docs.key, b_docs.key)
-    assert all(torch.equal(x, y) for x, y in zip(a_prefix.keys + a_prefix.values, b_prefix.keys + b_prefix.values))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a_prefix.keys + a_prefix.values, b_prefix.keys + b_prefix.values, strict=True)
+    )
     assert a_answer.generation.token_ids == b_answer.generation.token_ids
 
 
@@ -74,7 +79,9 @@ def test_missing_or_foreign_checkpoint_gives_clear_errors(make_modules, bpe_toke
         load_checkpoint(tmp_path / "c", llm.identity, llm.layout)
 
 
-def test_fp16_checkpoint_is_half_the_size_loads_into_fp32_modules_and_keeps_the_prompt_profile(make_modules, bpe_tokenizer, tmp_path):
+def test_fp16_checkpoint_is_half_the_size_loads_into_fp32_modules_and_keeps_the_prompt_profile(
+    make_modules, bpe_tokenizer, tmp_path
+):
     from service.models.checkpoint import checkpoint_profile
     from service.models.prompts import PROFILES
 
@@ -87,6 +94,6 @@ def test_fp16_checkpoint_is_half_the_size_loads_into_fp32_modules_and_keeps_the_
     loaded, config = load_checkpoint(tmp_path / "fp16", llm.identity, llm.layout)
     assert checkpoint_profile(config) == PROFILES["fewshot"]
     assert checkpoint_profile(json.loads((tmp_path / "fp32" / "config.json").read_text())).name == "plain"
-    for (name, a), b in zip(modules.aligner.state_dict().items(), loaded.aligner.state_dict().values()):
+    for (name, a), b in zip(modules.aligner.state_dict().items(), loaded.aligner.state_dict().values(), strict=True):
         assert b.dtype == torch.float32, name
         assert torch.equal(a.half().float(), b), name

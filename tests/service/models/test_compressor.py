@@ -24,7 +24,10 @@ def test_frozen_backbone_stays_in_eval_mode_so_training_sees_the_features_infere
     compressor.train()
     assert compressor.blocks.training and not compressor.backbone.training
     batch = compressor.tokenize(paragraphs[:2])
-    runs = [compressor.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state for _ in range(2)]
+    runs = [
+        compressor.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1]), "backbone dropout is active in training"
 
 

@@ -8,7 +8,12 @@ from service.models.continuous import ContinuousDecoder
 from service.models.llm import GenerationConfig
 from service.models.prefix import KVPrefix
 
-PROMPTS = ["Question: where is the river?\nAnswer:", "Why?", "The Varn river rose two metres in Oskel on a wet day.", "Who won"]
+PROMPTS = [
+    "Question: where is the river?\nAnswer:",
+    "Why?",
+    "The Varn river rose two metres in Oskel on a wet day.",
+    "Who won",
+]
 
 
 def _prefix(llm, seed: int) -> KVPrefix:

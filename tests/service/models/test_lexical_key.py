@@ -22,7 +22,7 @@ def test_lexical_vector_is_the_signed_weighted_sum_of_the_distinct_tokens_in_the
     with torch.no_grad():
         key.weight.uniform_(0.5, 3.0, generator=torch.Generator().manual_seed(0))
     texts = ["Varn river Oskel river", "The Qelmar bridge opened in 1931."]
-    for text, got in zip(texts, _encode(key, tok, texts)):
+    for text, got in zip(texts, _encode(key, tok, texts), strict=True):
         expected = torch.zeros(64)
         for t in set(tok(text, add_special_tokens=False)["input_ids"]):
             expected[key.bucket[t]] += key.weight[t].detach() * key.sign[t]
@@ -32,7 +32,8 @@ def test_lexical_vector_is_the_signed_weighted_sum_of_the_distinct_tokens_in_the
 def test_lexical_vector_depends_on_the_set_of_tokens_not_their_order_count_or_padding(minilm):
     _, tok = minilm
     key = LexicalKey(len(tok), 384, tok.all_special_ids)
-    a, b, c, long = _encode(key, tok, ["Varn river Oskel", "Oskel Oskel river Varn", "Varn river Basel", "a much longer text " * 20])
+    texts = ["Varn river Oskel", "Oskel Oskel river Varn", "Varn river Basel", "a much longer text " * 20]
+    a, b, c, long = _encode(key, tok, texts)
     assert torch.allclose(a, b, atol=1e-6), "word order, repeats and padding must not matter"
     assert float(a @ c) < 0.9 and torch.allclose(a.norm(), torch.tensor(1.0))
     assert torch.allclose(_encode(key, tok, ["Varn river Oskel"])[0], a, atol=1e-6), "batch padding leaked in"
@@ -64,9 +65,13 @@ def test_lexical_key_tells_apart_invented_names_that_the_dense_key_confuses(make
     entity_of = {d["doc_id"]: d["entity"] for d in docs}
     misses = {}
     for beta in (0.0, 1.0):
-        compressor = make_modules(tiny_gpt2(bpe_tokenizer), lexical_key_weight=beta, key_from_backbone=False).compressor.eval()
+        modules = make_modules(tiny_gpt2(bpe_tokenizer), lexical_key_weight=beta, key_from_backbone=False)
+        compressor = modules.compressor.eval()
         compressor.fit_lexical_idf(corpus)
-        bank = torch.cat([compressor.compress([d["text"] for d in docs[i : i + 128]]).key for i in range(0, len(docs), 128)])
+        bank = torch.cat(
+            [compressor.compress([d["text"] for d in docs[i : i + 128]]).key for i in range(0, len(docs), 128)]
+        )
         top = (compressor.compress([e.question for e in exs]).key @ bank.T).argmax(1).tolist()
-        misses[beta] = sum(docs[t]["entity"] != entity_of[e.doc_id] for t, e in zip(top, exs))  # top-1 about another company
+        # top-1 about another company
+        misses[beta] = sum(docs[t]["entity"] != entity_of[e.doc_id] for t, e in zip(top, exs, strict=True))
     assert misses[0.0] >= 4 and misses[1.0] <= misses[0.0] // 4, misses

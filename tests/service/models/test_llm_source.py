@@ -37,7 +37,11 @@ PROMPT = "The river flows through the old city and"
 
 def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers' GGUF loader undoes it)."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def tiny_llama_model(tokenizer, tie: bool = False) -> LlamaForCausalLM:
@@ -91,8 +95,12 @@ def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path: Path) -> Path:
     for i in range(c.num_hidden_layers):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         writer.add_tensor(blk + "attn_norm.weight", sd[hf + "input_layernorm.weight"])
-        writer.add_tensor(blk + "attn_q.weight", _llama_cpp_permute(sd[hf + "self_attn.q_proj.weight"], c.num_attention_heads))
-        writer.add_tensor(blk + "attn_k.weight", _llama_cpp_permute(sd[hf + "self_attn.k_proj.weight"], c.num_key_value_heads))
+        writer.add_tensor(
+            blk + "attn_q.weight", _llama_cpp_permute(sd[hf + "self_attn.q_proj.weight"], c.num_attention_heads)
+        )
+        writer.add_tensor(
+            blk + "attn_k.weight", _llama_cpp_permute(sd[hf + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        )
         writer.add_tensor(blk + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"])
         writer.add_tensor(blk + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"])
         writer.add_tensor(blk + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"])
@@ -138,7 +146,10 @@ def test_gguf_file_loads_exactly_converts_once_and_keeps_its_fingerprint(bpe_tok
     # The cached directory has the fingerprint of the model transformers loads from the GGUF itself,
     # so a checkpoint trained against one loads against the other.
     gguf_model, gguf_tokenizer = load_gguf(path)
-    assert fingerprint(gguf_model.config, gguf_tokenizer) == json.loads((entry / COMPLETE_MARKER).read_text())["fingerprint"]
+    assert (
+        fingerprint(gguf_model.config, gguf_tokenizer)
+        == json.loads((entry / COMPLETE_MARKER).read_text())["fingerprint"]
+    )
     assert HFCausalLM(gguf_model, gguf_tokenizer).identity.fingerprint == llm.identity.fingerprint
     assert HFCausalLM.from_pretrained(str(entry)).identity.fingerprint == llm.identity.fingerprint
 
@@ -207,7 +218,10 @@ def test_packaged_smollm2_loads_and_answers(smollm2_cache):
     llm = HFCausalLM.from_pretrained(SMOLLM2, cache_dir=smollm2_cache)
     assert llm.identity.name_or_path == SMOLLM2
     assert (llm.layout.num_layers, llm.layout.num_kv_heads, llm.layout.head_dim) == (30, 3, 64)
-    prompt = "Question: What is the capital of Germany?\nAnswer: Berlin\n\nQuestion: What is the capital of France?\nAnswer:"
+    prompt = (
+        "Question: What is the capital of Germany?\nAnswer: Berlin\n\n"
+        "Question: What is the capital of France?\nAnswer:"
+    )
     [answer] = llm.generate([prompt], config=GenerationConfig(max_new_tokens=8, stop_strings=("\n",)))
     assert "Paris" in answer.text
 

@@ -7,7 +7,11 @@ import torch
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prefix import KVPrefix
 
-QUESTIONS = ["Question: who built the bridge?\nAnswer:", "Where?", "Question: in which year did it open to the public?\nAnswer:"]
+QUESTIONS = [
+    "Question: who built the bridge?\nAnswer:",
+    "Where?",
+    "Question: in which year did it open to the public?\nAnswer:",
+]
 
 
 def own_kv(llm: HFCausalLM, context: torch.Tensor) -> KVPrefix:
@@ -94,7 +98,9 @@ def test_sampling_is_reproducible_with_seed_and_stop_strings_cut_the_answer(llm)
 
 def test_vanishing_temperature_samples_like_greedy_instead_of_crashing(llm):
     greedy = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5))
-    cold = llm.generate(QUESTIONS, config=GenerationConfig(max_new_tokens=5, do_sample=True, temperature=5e-324, seed=0))
+    cold = llm.generate(
+        QUESTIONS, config=GenerationConfig(max_new_tokens=5, do_sample=True, temperature=5e-324, seed=0)
+    )
     assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]
 
 

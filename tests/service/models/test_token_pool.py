@@ -23,7 +23,9 @@ def pooled_config(backbone: str, **aligner) -> CMTConfig:
             backbone=backbone, num_memory_tokens=K, memory_dim=64, num_heads=4, chunk_tokens=128, chunk_overlap=16,
             memory_values="token_embeddings",
         ),
-        aggregator=AggregatorConfig(top_k=1, max_docs=4, num_layers=1, num_heads=4, queries="memories", identity_init=True),
+        aggregator=AggregatorConfig(
+            top_k=1, max_docs=4, num_layers=1, num_heads=4, queries="memories", identity_init=True
+        ),
         aligner=AlignerConfig(prefix_len=K, hidden_dim=32, mode="embeddings", output_rms=0.1, residual=True, **aligner),
     )
 
@@ -72,7 +74,9 @@ def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_fram
     reader = Recorder(llm)
     memory = modules.compressor.compress(["The Rhine flows through Basel and Cologne."]).memory  # (1, K, d)
     with torch.no_grad():
-        prefix, _ = modules.prefix(torch.zeros_like(memory), memory[:, None], torch.ones(1, 1, dtype=torch.bool), reader)
+        prefix, _ = modules.prefix(
+            torch.zeros_like(memory), memory[:, None], torch.ones(1, 1, dtype=torch.bool), reader
+        )
     lead, tail = llm.text_embeddings("Context:"), llm.text_embeddings("\n")
     emb = reader.seen[0]  # (lead + K + tail, d)
     assert prefix.length == len(lead) + K + len(tail) == modules.aligner.positions(llm)
@@ -118,7 +122,9 @@ def test_token_pool_options_are_checked(llm_dir, bpe_tokenizer):
         AlignerConfig(residual=True)
     with pytest.raises(InvalidInputError, match="need mode"):
         AlignerConfig(lead_text="Context:")
-    wide = CompressorConfig(backbone=path, num_memory_tokens=K, memory_dim=128, num_heads=4, memory_values="token_embeddings")
+    wide = CompressorConfig(
+        backbone=path, num_memory_tokens=K, memory_dim=128, num_heads=4, memory_values="token_embeddings"
+    )
     with pytest.raises(InvalidInputError, match="backbone's width 64"):
         Compressor.from_backbone(wide)
     with pytest.raises(InvalidInputError, match="LLM's width"):

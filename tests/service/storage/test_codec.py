@@ -88,3 +88,29 @@ def test_fp32_memory_cast_to_fp16_and_overflow_rejected() -> None:
     assert codec.to_storable_memory(m).dtype == torch.float16
     with pytest.raises(InvalidInputError, match="range"):
         codec.to_storable_memory(torch.full((2, 4), 1e6))
+
+
+def test_key_as_wide_as_the_memory_is_written_in_format_1_byte_for_byte_as_before() -> None:
+    # A rollback to a build that reads only format 1 must still read what a standard checkpoint stores.
+    import struct
+
+    memory, key = torch.randn(2, 4).half(), torch.randn(4).half()
+    value = codec.encode(memory, key, "cv")
+    old_layout = struct.pack("<4sBBBBII", b"CMTM", 1, 1, 4, 2, 2, 4) + b"cv" + key.numpy().tobytes()
+    assert value == old_layout + memory.numpy().tobytes()
+
+
+def test_wider_key_round_trips_in_format_2_and_its_prefix_alone_decodes() -> None:
+    memory, key = torch.randn(4, 8).half(), torch.randn(24).half()  # (k, d_m), (d_k,) with d_k > d_m
+    value = codec.encode(memory, key, "cv-2")
+    assert value[4] == 2
+    assert len(value) == codec.encoded_size(4, 8, "cv-2", key_dtype=torch.float16, d_k=24)
+    m2, k2, cv = codec.decode(value)
+    assert cv == "cv-2" and torch.equal(m2, memory) and torch.equal(k2, key.float())
+    need = codec.prefix_length(value[: codec.HEADER_SIZE])
+    p = codec.decode_prefix(value[:need])
+    assert (p.k, p.d_m, p.key.shape) == (4, 8, (24,))
+    with pytest.raises(codec.CorruptMemoryError):
+        codec.decode(value[:-1])
+    with pytest.raises(InvalidInputError, match="key must have shape"):
+        codec.encode(memory, torch.randn(7), "cv-2")  # narrower than the memory: not a key this codec writes

