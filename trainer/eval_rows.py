@@ -90,11 +90,11 @@ class EvalContext:
     @property
     def cmt_bytes(self) -> int:
         c = self.modules.config.compressor
-        return (c.num_memory_tokens * c.memory_dim + c.memory_dim) * 2  # fp16 memory + key
+        return c.num_memory_tokens * c.memory_dim * 2 + self.key_bytes  # fp16 memory + key
 
     @property
     def key_bytes(self) -> int:
-        return self.modules.config.compressor.memory_dim * 2
+        return self.modules.config.compressor.retrieval_key_dim * 2  # fp16
 
     @property
     def text_bytes(self) -> float:

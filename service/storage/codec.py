@@ -21,8 +21,8 @@ Layout (all integers little-endian)::
     ...    2·k·d_m memory, fp16 or bf16, row-major         # (k, d_m)
 
 A value whose key is as wide as its memory is written in format 1, byte for byte what builds before
-format 2 wrote (so a rollback still reads it); a wider key (a checkpoint with a key encoder and a
-lexical part, CompressorConfig.key_dim) needs format 2. Both are read.
+format 2 wrote (so a rollback still reads it); a key of another width (a checkpoint with a key
+encoder, CompressorConfig.key_dim) needs format 2. Both are read.
 
 Both parts are stored in the dtype they come in, so the round trip is bit-exact: an fp16 key in
 2 bytes per value (what the service's Θ hands over: `Engine.compress` casts memory and key to
@@ -104,8 +104,8 @@ def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int, 
         raise InvalidInputError(f"memory shape {(k, d_m)} out of range (1..{MAX_K}, 1..{MAX_D_M})")
     if memory.dtype not in _MEM_CODES:
         raise InvalidInputError(f"memory dtype must be float16 or bfloat16; got {memory.dtype}")
-    if key.dim() != 1 or not d_m <= key.shape[0] <= MAX_D_M:
-        raise InvalidInputError(f"key must have shape (d_k,) with {d_m} <= d_k <= {MAX_D_M}; got {tuple(key.shape)}")
+    if key.dim() != 1 or not 1 <= key.shape[0] <= MAX_D_M:
+        raise InvalidInputError(f"key must have shape (d_k,) with 1 <= d_k <= {MAX_D_M}; got {tuple(key.shape)}")
     if not key.dtype.is_floating_point:
         raise InvalidInputError(f"key must be a floating tensor; got {key.dtype}")
     if not bool(torch.isfinite(memory).all()):
@@ -162,7 +162,7 @@ def _parse_header(buf: bytes | memoryview) -> _Header:
     d_k = rest[0] if rest else d_m
     if mem_code not in _MEM_DTYPES or key_code not in _KEY_FORMATS:
         raise CorruptMemoryError(f"stored memory has unknown dtype codes ({mem_code}, {key_code})")
-    if vlen == 0 or not (1 <= k <= MAX_K and 1 <= d_m <= d_k <= MAX_D_M):
+    if vlen == 0 or not (1 <= k <= MAX_K and 1 <= d_m <= MAX_D_M and 1 <= d_k <= MAX_D_M):
         raise CorruptMemoryError(f"stored memory header is out of range (k={k}, d_m={d_m}, d_k={d_k}, L={vlen})")
     return _Header(mem_code, key_code, vlen, k, d_m, d_k, struct_.size)
 
