@@ -54,9 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine = await run_in_threadpool(Engine.load, settings)
             await run_in_threadpool(engine.warmup)
             # From the index snapshot if there is a usable one (events after it replayed), else rebuilt.
-            snapshots = snapshots_from_settings(settings, dim=engine.modules.config.compressor.retrieval_key_dim)
+            key_dim = engine.modules.config.compressor.retrieval_key_dim
+            snapshots = snapshots_from_settings(settings, dim=key_dim)
             index = await run_in_threadpool(
-                SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold),
+                SyncedIndex(store, VectorIndex(approx_threshold=settings.approx_index_threshold, dim=key_dim),
                             snapshots=snapshots).start
             )
             following.append(index)

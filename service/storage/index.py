@@ -50,7 +50,11 @@ class VectorIndex:
         compact_fraction: float = 0.25,
         compact_min_dead: int = 1_000,
         auto_maintain: bool = True,
+        dim: int | None = None,
     ) -> None:
+        self._dim = dim
+        """The key width of the serving checkpoint (None: that of the first key upserted). Keys of another width
+        (memories of another checkpoint) are held as stale rows that no search finds (IndexState.upsert)."""
         self.approx_threshold = approx_threshold
         self.hnsw_m = hnsw_m
         self.ef_construction = ef_construction
@@ -60,7 +64,7 @@ class VectorIndex:
         self.compact_min_dead = compact_min_dead
         self.auto_maintain = auto_maintain
         self._lock = threading.RLock()
-        self._state = IndexState()
+        self._state = IndexState(self._dim)
         # Writes made while a new state is built off the lock (maintenance job or rebuild), replayed
         # onto it before it is swapped in; None when nothing is being built.
         self._oplog: list[tuple[str, list[IndexEntry] | list[str]]] | None = None
@@ -94,7 +98,7 @@ class VectorIndex:
 
     def clear(self) -> None:
         with self._lock:
-            self._state = IndexState()
+            self._state = IndexState(self._dim)
             self.changes += 1
             if self._oplog is not None:
                 self._oplog.append(("clear", []))
@@ -255,7 +259,7 @@ class VectorIndex:
 
         def build() -> IndexState:
             nonlocal n
-            fresh = IndexState()
+            fresh = IndexState(self._dim)
             for entries in batches:
                 if entries:
                     fresh.upsert(list(entries))
@@ -305,7 +309,7 @@ class VectorIndex:
                 elif op == "remove":
                     fresh.remove(arg)  # type: ignore[arg-type]
                 else:
-                    fresh = IndexState()
+                    fresh = IndexState(self._dim)
             self._state = fresh
             self.changes += 1
             self._oplog = None

@@ -18,7 +18,6 @@ from datetime import datetime
 import faiss
 import numpy as np
 
-from service.errors import InvalidInputError
 from service.storage.base import IndexEntry, from_us, to_us
 
 NO_TIME = np.iinfo(np.int64).min
@@ -85,6 +84,11 @@ class SearchHit:
     received_at: datetime
 
 
+def _fit(key: np.ndarray, d: int) -> np.ndarray:
+    """`key` (d,) as is; a key of another width → zeros (d,) (see IndexState.upsert)."""
+    return key if key.shape[0] == d else np.zeros(d, np.float32)
+
+
 class IndexState:
     def __init__(self, d: int | None = None, capacity: int = 1024) -> None:
         self.d = d
@@ -131,11 +135,10 @@ class IndexState:
     def upsert(self, entries: list[IndexEntry]) -> None:
         if self.d is None:
             self._alloc(int(entries[0].key.shape[0]), max(1024, len(entries)))
-        keys = np.stack([np.asarray(e.key, np.float32).reshape(-1) for e in entries])  # (B, d)
-        if keys.shape[1] != self.d:
-            raise InvalidInputError(
-                f"retrieval key of dimension {keys.shape[1]}; the index holds keys of dimension {self.d}"
-            )
+        # A key of another width is a memory made by another checkpoint (a bank older than the serving model):
+        # it is held with a zero key, so it still counts as stale (cmt-reindex) and can be deleted, but a
+        # search, which takes one compressor version, never finds it.
+        keys = np.stack([_fit(np.asarray(e.key, np.float32).reshape(-1), self.d) for e in entries])  # (B, d)
         norms = np.linalg.norm(keys, axis=1, keepdims=True)  # (B, 1)
         keys /= np.where(norms == 0, 1, norms)
         self.remove([e.id for e in entries])
@@ -173,7 +176,7 @@ class IndexState:
 
     def snapshot_alive(self) -> IndexState:
         """A compact copy holding only live rows (no HNSW yet)."""
-        new = IndexState()
+        new = IndexState(self.d)
         if self.d is None or self.n_alive == 0:
             return new
         rows = np.flatnonzero(self.alive[: self.n])  # (n_alive,)

@@ -11,7 +11,7 @@ Usage from code::
 
     stats = reindex(store, compress, "ckpt-2024-06-01")
 
-``compress(texts) -> (memories (B, k, d_m), keys (B, d_m))``. The console command is
+``compress(texts) -> (memories (B, k, d_m), keys (B, d_k))``. The console command is
 `cmt-reindex` (`service.cli.reindex_main`): the configured checkpoint's Θ and its version.
 """
 
@@ -79,13 +79,13 @@ def _reindex_batch(
     stats.gone += sum(1 for cv, _, _ in rows if cv is None)
     if not todo:
         return
-    memories, keys = compress([t for _, _, t in todo])  # (B, k, d_m), (B, d_m)
+    memories, keys = compress([t for _, _, t in todo])  # (B, k, d_m), (B, d_k)
     if memories.dim() != 3 or memories.shape[0] != len(todo) or keys.shape[0] != len(todo):
         raise InvalidInputError(
             f"compress() returned memories {tuple(memories.shape)} and keys {tuple(keys.shape)} "
-            f"for {len(todo)} texts; expected (B, k, d_m) and (B, d_m)"
+            f"for {len(todo)} texts; expected (B, k, d_m) and (B, d_k)"
         )
-    items = [(i, h, memories[j], keys[j]) for j, (i, h, _) in enumerate(todo)]  # (k, d_m), (d_m,)
+    items = [(i, h, memories[j], keys[j]) for j, (i, h, _) in enumerate(todo)]  # (k, d_m), (d_k,)
     for st in store.update_memories(items, version):
         setattr(stats, st, getattr(stats, st) + 1)
     bar.update(len(todo))

@@ -44,3 +44,23 @@ def test_wide_key_checkpoint_ingests_answers_and_restarts(wide_key_dirs, tmp_pat
             assert client.get("/documents").json()["count"] == 3
     finally:
         RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
+
+
+def test_a_bank_written_with_narrower_keys_still_starts_and_serves_the_new_checkpoints_memories(
+    model_dirs, wide_key_dirs, tmp_path
+):
+    # Upgrading the checkpoint (384-wide keys → 1,024-wide) on a bank that holds the old memories: the service
+    # starts, never answers from the old memories (another compressor), and counts them as stale for cmt-reindex.
+    old = make_settings(model_dirs, index_snapshot_dir=tmp_path / "snap")
+    new = make_settings(wide_key_dirs, bank=old.bank, index_snapshot_dir=tmp_path / "snap")
+    question = {"question": "When did the Varnholt bridge reopen?", "top_k": 1}
+    try:
+        with TestClient(create_app(old)) as client:
+            assert client.post("/documents", json={"documents": DOCS[1:]}).status_code == 200
+        with TestClient(create_app(new)) as client:
+            assert client.post("/ask", json=question).json()["sources"] == []
+            assert client.post("/documents", json={"documents": DOCS[:1]}).status_code == 200
+            assert [s["id"] for s in client.post("/ask", json=question).json()["sources"]] == ["varn"]
+            assert "cmt_index_stale_documents 2.0" in client.get("/metrics").text
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=old.bank).drop_bank()

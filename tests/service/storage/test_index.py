@@ -159,3 +159,18 @@ def test_writes_during_a_rebuild_from_the_store_are_kept() -> None:
     assert "late0" in idx and "d5" not in idx and "old3" not in idx
     assert len(idx) == 160 and idx.is_approximate  # d0..d159 without d5, with late0; HNSW built before the swap
     assert idx.search(keys[200], 1)[0].id == "late0"
+
+
+def test_memories_of_a_checkpoint_with_another_key_width_are_stale_rows_no_search_finds() -> None:
+    # A bank written by an older checkpoint (576-wide keys) served by one whose keys are 2,048 wide: the
+    # index must start, count the old memories as stale for cmt-reindex, and search only the new ones.
+    idx = VectorIndex(dim=32)
+    old = clustered_keys(20, d=16, seed=3)
+    new = clustered_keys(10, d=32, seed=4)
+    idx.upsert(entries(old, prefix="old", cv="v-old"))
+    idx.upsert(entries(new, prefix="new", cv="v-new"))
+    assert idx.dim == 32 and len(idx) == 30 and idx.stale_count("v-new") == 20
+    hits = idx.search(new[3], 5, compressor_version="v-new")
+    assert hits[0].id == "new3" and all(h.id.startswith("new") for h in hits)
+    idx.remove(["old0"])
+    assert idx.stale_count("v-new") == 19

@@ -159,7 +159,7 @@ def test_stale_memories_never_returned_for_another_version(store: RedisMemorySto
 
 def test_invalid_batch_writes_nothing(store: RedisMemoryStore) -> None:
     good = (doc(1), *memory_for(1))
-    bad = (doc(2), torch.randn(16, 384).half(), torch.randn(100))
+    bad = (doc(2), torch.randn(16, 384).half(), torch.randn(2, 384))  # a key must be one vector
     with pytest.raises(InvalidInputError, match="doc-2"):
         store.put_many([good, bad], "v1")
     with pytest.raises(InvalidInputError):
