@@ -6,65 +6,53 @@ i.e. β = √w in CompressorConfig.lexical_key_weight), plus the lexical part un
     .venv/bin/python bench/bench_key_choice.py --dataset squad-train --split valid --questions 1000
 
 Writes bench/results/key-choice-<dataset>-<split>.json. MiniLM over ~1,200 paragraphs takes 2-13 min on
-these 2 CPU cores (how busy they are decides). The hashing is the one service.models.lexical_key uses.
+these 2 CPU cores (how busy they are decides). Both parts are computed by the service's own code
+(service.models.key_encoder, service.models.lexical_key), only the weighting and bucket count vary.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
 
 from service.models.compressor import resolve_backbone
 from service.models.config import DEFAULT_BACKBONE
+from service.models.key_encoder import KeyEncoder
 from service.models.lexical_key import LexicalKey
 from trainer.data import load_split
+from trainer.eval_retrieval import _recall, write_recall_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def sentence_embeddings(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    """(N, d_s) mean-pooled, L2-normalised (sentence-transformers pooling)."""
-    out = []
+def dense_part(encoder: KeyEncoder, texts: list[str], batch: int = 32) -> torch.Tensor:
+    """(N, d_s) the key encoder's part of the key, in batches."""
     with torch.inference_mode():
-        for i in range(0, len(texts), 32):
-            batch = texts[i : i + 32]
-            enc = tokenizer(batch, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            h = model(**enc).last_hidden_state  # (b, L, d_s)
-            m = enc["attention_mask"][..., None].float()  # (b, L, 1)
-            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat([encoder(encoder.tokenize(texts[i : i + batch])) for i in range(0, len(texts), batch)])
+
+
+def lexical_part(encoder: KeyEncoder, lexical: LexicalKey, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """(N, buckets) the lexical part of the key, as Θ computes it over the key encoder's windows."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            w = encoder.tokenize(texts[i : i + batch])
+            out.append(lexical(w.input_ids, w.attention_mask, w.text_index, w.num_texts))
     return torch.cat(out)
 
 
-def lexical_vectors(tokenizer, texts: list[str], idf: torch.Tensor) -> torch.Tensor:
-    """(N, V) each text's distinct tokens at their IDF, L2-normalised (the unhashed lexical part)."""
-    special = set(tokenizer.all_special_ids)
+def unhashed(encoder: KeyEncoder, idf: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """(N, V) each text's distinct tokens at their IDF, L2-normalised: the lexical part without hashing."""
+    special = set(encoder.tokenizer.all_special_ids)
     rows = torch.zeros(len(texts), len(idf))
-    for r, ids in enumerate(tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
+    for r, ids in enumerate(encoder.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]):
         distinct = sorted(set(ids) - special)
         rows[r, distinct] = idf[distinct]
     return F.normalize(rows, dim=-1)
-
-
-def hashed(vectors: torch.Tensor, buckets: int) -> torch.Tensor:
-    """(N, V) → (N, buckets) with LexicalKey's bucket and sign of every token, L2-normalised."""
-    key = LexicalKey(vectors.shape[1], buckets)
-    spread = torch.zeros(vectors.shape[1], buckets)  # (V, buckets)
-    spread[torch.arange(vectors.shape[1]), key.bucket] = key.sign
-    return F.normalize(vectors @ spread, dim=-1)
-
-
-def recall(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
-    top = scores.topk(5, dim=1).indices  # (Q, 5)
-    return {"recall_at_1": round(100 * (top[:, 0] == gold).float().mean().item(), 1),
-            "recall_at_5": round(100 * (top == gold[:, None]).any(1).float().mean().item(), 1)}
 
 
 def main() -> None:
@@ -81,38 +69,32 @@ def main() -> None:
     docs = load_split(args.dataset, args.split)
     texts = [d["text"] for d in docs]
     pairs = [(q["question"], i) for i, d in enumerate(docs) for q in d["questions"]][: args.questions]
-    questions, gold = [q for q, _ in pairs], torch.tensor([i for _, i in pairs])
-    path = resolve_backbone(DEFAULT_BACKBONE)
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    questions, gold = [q for q, _ in pairs], [i for _, i in pairs]
+    encoder = KeyEncoder.load(resolve_backbone(DEFAULT_BACKBONE))
     start = time.perf_counter()
-    dense = sentence_embeddings(model, tokenizer, questions, 64) @ sentence_embeddings(model, tokenizer, texts, 256).T
+    dense = dense_part(encoder, questions) @ dense_part(encoder, texts).T  # (Q, N)
     embed_seconds = time.perf_counter() - start
 
-    idf_docs = load_split("squad-train", "train")
-    special = set(tokenizer.all_special_ids)
-    df: Counter[int] = Counter()
-    for ids in tokenizer(list({d["text"] for d in idf_docs}), add_special_tokens=False, verbose=False)["input_ids"]:
-        df.update(set(ids) - special)
-    n = len({d["text"] for d in idf_docs})
-    idf = torch.tensor([math.log1p((n - df[t] + 0.5) / (df[t] + 0.5)) for t in range(len(tokenizer))])
-    lex_q, lex_d = lexical_vectors(tokenizer, questions, idf), lexical_vectors(tokenizer, texts, idf)
+    tokenizer = encoder.tokenizer
+    idf_texts = sorted({d["text"] for d in load_split("squad-train", "train")})
+    idf_ids = tokenizer(idf_texts, add_special_tokens=False, verbose=False)["input_ids"]
+    fitted = LexicalKey(len(tokenizer), 1, tokenizer.all_special_ids)
+    fitted.fit_idf(idf_ids)
+    exact = unhashed(encoder, fitted.weight.detach(), questions) @ unhashed(encoder, fitted.weight.detach(), texts).T
 
     weights = [float(w) for w in args.weights.split(",")]
-    rows = {"dense (MiniLM)": recall(dense, gold), "lexical, unhashed": recall(lex_q @ lex_d.T, gold)}
+    rows = {"dense (MiniLM)": _recall(dense, gold), "lexical, unhashed": _recall(exact, gold)}
     for w in weights:
-        rows[f"dense + {w} lexical, unhashed"] = recall(dense + w * (lex_q @ lex_d.T), gold)
+        rows[f"dense + {w} lexical, unhashed"] = _recall(dense + w * exact, gold)
     for b in (int(x) for x in args.buckets.split(",")):
-        hq, hd = hashed(lex_q, b), hashed(lex_d, b)
+        lexical = LexicalKey(len(tokenizer), b, tokenizer.all_special_ids)
+        lexical.load_state_dict(fitted.state_dict())
+        hashed = lexical_part(encoder, lexical, questions) @ lexical_part(encoder, lexical, texts).T  # (Q, N)
         for w in weights:
-            rows[f"dense + {w} lexical, {b} buckets"] = recall(dense + w * (hq @ hd.T), gold)
-    out = {"dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(questions),
-           "idf": "squad-train train paragraphs", "embed_seconds": round(embed_seconds, 1), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    target = RESULTS / f"key-choice-{args.dataset}-{args.split}.json"
-    target.write_text(json.dumps(out, indent=1))
-    for name, r in rows.items():
-        print(f"{name:40s} r@1 {r['recall_at_1']:5.1f} r@5 {r['recall_at_5']:5.1f}")
-    print(f"wrote {target}")
+            rows[f"dense + {w} lexical, {b} buckets"] = _recall(dense + w * hashed, gold)
+    header = {"dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(questions),
+              "idf": "squad-train train paragraphs", "embed_seconds": round(embed_seconds, 1)}
+    write_recall_report(RESULTS / f"key-choice-{args.dataset}-{args.split}.json", header, rows)
 
 
 if __name__ == "__main__":

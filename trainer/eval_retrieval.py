@@ -3,7 +3,9 @@ recall@k of the gold document."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import bm25s
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from service.models.aggregator import select_top_k_recent
 from service.models.cmt import Bank, CMTModules
+from service.models.compressor import Compressor
 from trainer.data import QAExample
 from trainer.scoring import normalize_answer
 
@@ -52,6 +55,27 @@ def _recall(
     return {f"recall_at_{k}": 100.0 * (top[:, :k] == g).any(dim=1).float().mean().item() for k in ks}
 
 
+def key_part_recall(compressor: Compressor, q_keys: torch.Tensor, d_keys: torch.Tensor,
+                    gold: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Recall of each part of a [dense (d_s) ; lexical] key alone (empty without a key encoder)."""
+    if compressor.key_encoder is None:
+        return {}
+    d_s = compressor.key_encoder.width
+    out = {"cmt_keys_dense_part_only": _recall(q_keys[:, :d_s] @ d_keys[:, :d_s].T, gold)}
+    if compressor.lexical_key is not None:
+        out["cmt_keys_lexical_part_only"] = _recall(q_keys[:, d_s:] @ d_keys[:, d_s:].T, gold)
+    return out
+
+
+def write_recall_report(path: Path, header: dict[str, Any], rows: dict[str, dict[str, float]]) -> None:
+    """A retrieval benchmark's JSON (header fields and the rows) at `path`, and the rows printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**header, "rows": rows}, indent=1))
+    for name, r in rows.items():
+        print(f"{name:40s} r@1 {r['recall_at_1']:5.1f} r@5 {r['recall_at_5']:5.1f}")
+    print(f"wrote {path}")
+
+
 @torch.inference_mode()
 def retrieval_recall(
     modules: CMTModules, docs: Sequence[dict[str, Any]], exs: Sequence[QAExample], bank: Bank
@@ -68,11 +92,7 @@ def retrieval_recall(
     if margin > 0:
         picked = select_top_k_recent(q, bank.keys.float(), bank.timestamps, 5, margin).indices  # (Q, 5)
         out[f"cmt_keys_recency_margin_{margin:g}"] = _recall(picked, gold, ranked=True)
-    if modules.compressor.key_encoder is not None:  # [dense (d_s) ; lexical]: how much each part finds alone
-        d_s = modules.compressor.key_encoder.width
-        out["cmt_keys_dense_part_only"] = _recall(q[:, :d_s] @ bank.keys[:, :d_s].float().T, gold)
-        if modules.compressor.lexical_key is not None:
-            out["cmt_keys_lexical_part_only"] = _recall(q[:, d_s:] @ bank.keys[:, d_s:].float().T, gold)
+    out |= key_part_recall(modules.compressor, q, bank.keys.float(), gold)  # how much each part finds alone
 
     backbone, tok = modules.compressor.backbone, modules.compressor.tokenizer
 

@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from service.errors import InvalidInputError, PayloadTooLargeError
 from service.models.attention import CrossAttentionBlock
 from service.models.config import DEFAULT_BACKBONE, CompressorConfig
-from service.models.key_encoder import KeyEncoder, KeyWindows
+from service.models.key_encoder import KeyEncoder, KeyWindows, mean_pool
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
 from service.models.token_pool import TokenPool
@@ -229,10 +229,11 @@ class Compressor(nn.Module):
             memory = self.out_norm(x)  # (B, k, d_m)
         return Compressed(memory=memory, key=self._key(batch, memory, tokens))
 
-    def _key(self, batch: ChunkedBatch, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _key(self, batch: ChunkedBatch, memory: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
         """The retrieval key (B, d_k), L2-normalised. With a key encoder: [its dense part (B, d_s) ; β·lexical
         (B, d_k − d_s)] over its tokenizer's ids, so a cosine is (dense cosine + β²·lexical cosine) / (1 + β²).
-        Without: a learned map of the memory plus Θ's mean-pooled backbone, plus β·lexical in the same d_m."""
+        Without: a learned map of the memory plus Θ's mean-pooled backbone, plus β·lexical in the same d_m
+        (memory and tokens are read only then)."""
         if self.key_encoder is not None:
             windows = batch.key_windows
             key = self.key_encoder(windows)  # (B, d_s)
@@ -245,7 +246,8 @@ class Compressor(nn.Module):
             return F.normalize(F.pad(key, (0, pad)), dim=-1)  # (B, d_k)
         key = self.key_proj(memory.mean(dim=1))  # (B, d_m)
         if self.config.key_from_backbone:
-            key = key + F.normalize(self._mean_pooled(tokens, batch), dim=-1)  # (B, d_m)
+            pooled = mean_pool(tokens, batch.attention_mask, batch.doc_index, batch.num_docs)  # (B, d_m)
+            key = key + F.normalize(pooled, dim=-1)  # (B, d_m)
         if self.lexical_key is not None:
             lexical = self.lexical_key(
                 batch.input_ids, batch.attention_mask, batch.doc_index, batch.num_docs
@@ -263,15 +265,6 @@ class Compressor(nn.Module):
         tokens = self.backbone.get_input_embeddings()(ids).to(ctx.dtype)  # (B, C·L, d_e)
         return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e)
 
-    @staticmethod
-    def _mean_pooled(tokens: torch.Tensor, batch: ChunkedBatch) -> torch.Tensor:
-        """Mean of every real token of every chunk of a document (sentence-transformers pooling)."""
-        m = batch.attention_mask.to(tokens.dtype)  # (N, L)
-        per_chunk = (tokens * m[..., None]).sum(1)  # (N, d_m)
-        sums = tokens.new_zeros(batch.num_docs, tokens.shape[-1]).index_add(0, batch.doc_index, per_chunk)  # (B, d_m)
-        counts = m.new_zeros(batch.num_docs).index_add(0, batch.doc_index, m.sum(1))  # (B,)
-        return sums / counts.clamp(min=1)[:, None]  # (B, d_m)
-
     def fit_lexical_idf(self, texts: Sequence[str]) -> None:
         """Start the token weights of the lexical key and of the token pool at this corpus' IDF (no-op without
         either), each over the ids of the tokenizer it reads."""
@@ -280,6 +273,15 @@ class Compressor(nn.Module):
         if self.lexical_key is not None:
             key_tokenizer = self.tokenizer if self.key_encoder is None else self.key_encoder.tokenizer
             self.lexical_key.fit_idf(key_tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
+
+    def keys(self, texts: Sequence[str]) -> torch.Tensor:
+        """Retrieval keys (B, d_k) alone, no gradients. A key from a key encoder needs neither the memory nor
+        Θ's backbone, so only the key encoder runs; otherwise the whole forward does."""
+        with torch.inference_mode():
+            batch = self.tokenize(texts)
+            if self.key_encoder is None:
+                return self(batch).key
+            return self._key(batch.to(self.device), None, None)
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         """Tokenize and encode in one call (no gradients: the serving path)."""

@@ -81,8 +81,8 @@ class CompressorConfig:
     key_dim: int = 0
     """Width of the retrieval key (0 = memory_dim). Only with a key_encoder may it differ from memory_dim:
     the lexical part's buckets are what is left after the encoder's width, and hashing a text's ~100
-    distinct tokens into too few buckets makes unrelated tokens collide (SQuAD recall@1 of MiniLM plus
-    the lexical part: 79.6 with 192 buckets, 86.0 with 1,664)."""
+    distinct tokens into too few buckets makes unrelated tokens collide (SQuAD-train valid recall@1 of MiniLM
+    plus the lexical part: 71.3 with 192 buckets, 79.0 with 1,664; bench/bench_key_choice.py)."""
 
     memory_values: str = "states"
     """What a memory vector is made of. "states": k learned soft tokens cross-attend over the backbone's

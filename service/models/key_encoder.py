@@ -35,6 +35,15 @@ class KeyWindows:
                           self.num_texts)
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor, text_index: torch.Tensor, num_texts: int) -> torch.Tensor:
+    """Mean of every real token of every window of a text (sentence-transformers pooling, across windows):
+    hidden (N, L, d), mask (N, L), text_index (N,) → (B, d)."""
+    m = mask.to(hidden.dtype)[..., None]  # (N, L, 1)
+    sums = hidden.new_zeros(num_texts, hidden.shape[-1]).index_add(0, text_index, (hidden * m).sum(1))  # (B, d)
+    counts = m.new_zeros(num_texts).index_add(0, text_index, m.sum((1, 2)))  # (B,)
+    return sums / counts.clamp(min=1)[:, None]  # (B, d)
+
+
 class KeyEncoder(nn.Module):
     def __init__(self, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, window: int = 256,
                  overlap: int = 32) -> None:
@@ -70,8 +79,5 @@ class KeyEncoder(nn.Module):
         with torch.no_grad():
             hidden = self.encoder(input_ids=windows.input_ids,
                                   attention_mask=windows.attention_mask).last_hidden_state  # (N, L, d_s)
-            m = windows.attention_mask.to(hidden.dtype)[..., None]  # (N, L, 1)
-            B, d_s = windows.num_texts, hidden.shape[-1]
-            sums = hidden.new_zeros(B, d_s).index_add(0, windows.text_index, (hidden * m).sum(1))  # (B, d_s)
-            counts = m.new_zeros(B).index_add(0, windows.text_index, m.sum((1, 2)))  # (B,)
-            return F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1).float()  # (B, d_s)
+            pooled = mean_pool(hidden, windows.attention_mask, windows.text_index, windows.num_texts)  # (B, d_s)
+            return F.normalize(pooled, dim=-1).float()  # (B, d_s)

@@ -119,3 +119,12 @@ def test_a_key_encoder_named_in_the_config_must_be_given(minilm, bpe_tokenizer):
     config = small_cmt_config(key_encoder=DEFAULT_BACKBONE).compressor
     with pytest.raises(InvalidInputError, match="key_encoder"):
         Compressor(config, copy.deepcopy(minilm[0]), minilm[1])
+
+
+def test_keys_alone_equal_the_keys_of_the_full_forward(minilm, bpe_tokenizer, make_modules, paragraphs):
+    texts = paragraphs[:3] + ["Which river flows through Basel?"]
+    with_encoder = _compressor(minilm, bpe_tokenizer, lexical_key_weight=1.2)
+    with_encoder.fit_lexical_idf(paragraphs)
+    plain = make_modules(tiny_gpt2(bpe_tokenizer), lexical_key_weight=0.5).compressor.eval()
+    for compressor in (with_encoder, plain):
+        assert torch.allclose(compressor.keys(texts), compressor.compress(texts).key, atol=1e-6)

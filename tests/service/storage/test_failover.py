@@ -27,6 +27,9 @@ from .redis_procs import HAVE_REDIS, LocalCluster, LocalSentinel, Node
 
 pytestmark = pytest.mark.skipif(not HAVE_REDIS, reason="redis-server and redis-cli are needed on PATH")
 WINDOW_LIMIT_S = 30.0  # a fail-over that leaves writes refused longer than this is a failure
+# Long enough for a replica on a loaded 2-core CI machine to acknowledge a 300-document pipeline (500 ms
+# was not, once); a write the dead master never answers fails on the socket, not on this wait.
+WAIT_TIMEOUT_MS = 3000
 
 
 @pytest.fixture
@@ -58,7 +61,7 @@ def _assert_survived(report_summary: dict[str, object], lost: list[int], acked: 
 
 
 def test_cluster_master_killed_mid_ingest_loses_no_acknowledged_write(cluster: LocalCluster) -> None:
-    settings = Settings(redis_url=cluster.url, bank=_bank(), redis_wait_timeout_ms=500)
+    settings = Settings(redis_url=cluster.url, bank=_bank(), redis_wait_timeout_ms=WAIT_TIMEOUT_MS)
     store = open_bank(settings)
     assert isinstance(store, RedisMemoryStore) and type(store._r).__name__ == "RedisCluster"
     assert store._writer.acks.replicas == 1  # on by default for redis+cluster://
@@ -94,7 +97,7 @@ def test_cluster_master_killed_mid_ingest_loses_no_acknowledged_write(cluster: L
 
 
 def test_sentinel_master_killed_mid_ingest_loses_no_acknowledged_write(sentinel: LocalSentinel) -> None:
-    store = open_bank(Settings(redis_url=sentinel.url, bank=_bank(), redis_wait_timeout_ms=500))
+    store = open_bank(Settings(redis_url=sentinel.url, bank=_bank(), redis_wait_timeout_ms=WAIT_TIMEOUT_MS))
     assert isinstance(store, RedisMemoryStore) and store._writer.acks.replicas == 1  # on by default for sentinel
     try:
         def kill() -> Node:
