@@ -5,6 +5,10 @@ Requests `submit` a list of items and await their results. A worker takes what i
 event loop keeps serving. The queue is bounded: when full, `submit` raises `OverloadedError`
 (503 + Retry-After) instead of growing memory. If a batch fails, each request of it is retried
 alone, so one bad request (a model error) fails only itself.
+
+An optional first stage, `prepare` (ingest: tokenization), runs on a thread of its own and is
+pipelined with `fn`: batch i+1 is prepared while `fn` runs batch i (on a GPU, Θ's forward no longer
+waits for the tokenizer), and `fn` receives what `prepare` returned.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.errors import OverloadedError
 
@@ -23,6 +27,13 @@ ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 """What `fn` returns per item, in the same order."""
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Failed:
+    """A batch whose prepare stage raised: its requests are retried one by one."""
+
+    error: Exception
 
 
 @dataclass
@@ -42,8 +53,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         max_queue: int,
         group_key: Callable[[ItemT], Hashable] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        prepare: Callable[[list[ItemT]], Any] | None = None,
     ) -> None:
-        self.fn, self.name = fn, name
+        """`fn(items)`, or `fn(prepare(items))` with a prepare stage, returns one result per item."""
+        self.fn, self.name, self.prepare = fn, name, prepare
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.group_key = group_key
         self.on_batch = on_batch
@@ -52,6 +65,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._prepare_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prepare-{name}") if prepare else None
+        )
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -94,8 +110,13 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        running: asyncio.Task[None] | None = None  # fn on the previous batch, while this one is prepared
         while True:
             if not self._pending:
+                if running is not None:
+                    await running
+                    running = None
+                    continue
                 if self._closing:
                     return
                 self._wakeup.clear()
@@ -105,26 +126,46 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 await asyncio.sleep(self.max_wait_s)  # let concurrent requests join the batch
             batch = self._take_batch()
             items = [item for req in batch for item in req.items]
-            start = loop.time()
-            try:
-                results = await loop.run_in_executor(self._executor, self.fn, items)
-            except Exception:
-                if len(batch) == 1:
-                    self._fail(batch[0])
-                    continue
-                log.warning("%s batch of %d requests failed; retrying them one by one", self.name, len(batch))
-                for req in batch:
-                    try:
-                        self._resolve(req, await loop.run_in_executor(self._executor, self.fn, req.items))
-                    except Exception:
-                        self._fail(req)
+            if self.prepare is None:
+                await self._call(batch, items, items)
                 continue
-            if self.on_batch:
-                self.on_batch(len(items), loop.time() - start)
-            offset = 0
+            prepared: Any
+            try:
+                prepared = await loop.run_in_executor(self._prepare_executor, self.prepare, items)
+            except Exception as exc:  # noqa: BLE001 - _call retries the batch's requests one by one
+                prepared = _Failed(exc)
+            if running is not None:
+                await running
+            running = loop.create_task(self._call(batch, items, prepared))
+
+    def _whole(self, items: list[ItemT]) -> list[ResultT]:
+        return self.fn(items if self.prepare is None else self.prepare(items))
+
+    async def _call(self, batch: list[_Request[ItemT, ResultT]], items: list[ItemT], prepared: Any) -> None:
+        """`fn` on a prepared batch, then each request's results; on failure each request alone."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            if isinstance(prepared, _Failed):
+                raise prepared.error
+            results = await loop.run_in_executor(self._executor, self.fn, prepared)
+        except Exception as exc:  # noqa: BLE001 - the requests are failed or retried below
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            log.warning("%s batch of %d requests failed; retrying them one by one", self.name, len(batch))
             for req in batch:
-                self._resolve(req, results[offset : offset + len(req.items)])
-                offset += len(req.items)
+                try:
+                    self._resolve(req, await loop.run_in_executor(self._executor, self._whole, req.items))
+                except Exception as one:  # noqa: BLE001 - this request alone fails
+                    self._fail(req, one)
+            return
+        if self.on_batch:
+            self.on_batch(len(items), loop.time() - start)
+        offset = 0
+        for req in batch:
+            self._resolve(req, results[offset : offset + len(req.items)])
+            offset += len(req.items)
 
     @staticmethod
     def _resolve(req: _Request[ItemT, ResultT], results: list[ResultT]) -> None:
@@ -132,11 +173,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             req.future.set_result(results)
 
     @staticmethod
-    def _fail(req: _Request[ItemT, ResultT]) -> None:
-        import sys
-
-        exc = sys.exc_info()[1]
-        if not req.future.done() and exc is not None:
+    def _fail(req: _Request[ItemT, ResultT], exc: BaseException) -> None:
+        if not req.future.done():
             req.future.set_exception(exc)
 
     async def close(self) -> None:
@@ -146,3 +184,5 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        if self._prepare_executor is not None:
+            self._prepare_executor.shutdown(wait=True)

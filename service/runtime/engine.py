@@ -5,6 +5,7 @@ Letters: B questions, K selected docs, k memory tokens, d_m memory width.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import torch
 
 from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.cmt import CMTModules
-from service.models.compressor import Compressed
+from service.models.compressor import ChunkedBatch, Compressed
 from service.models.llm import Generation, GenerationConfig, HFCausalLM, LLMBackend
 from service.models.prompts import PromptProfile, get_profile
 from service.settings import Settings
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_compress_dtype(settings: Settings) -> torch.dtype:
+    """Settings.compress_dtype resolved for the device: "auto" is bfloat16 on CUDA only."""
+    if settings.compress_dtype == "auto":
+        return torch.bfloat16 if torch.device(settings.device).type == "cuda" else torch.float32
+    return DTYPES[settings.compress_dtype]
 STORED_DTYPE = torch.float16
 """dtype of the memory and the key `Engine.compress` hands to the store: fp16 halves the bank's
 bytes, and cosine top-k over fp16 keys ranks like fp32."""
@@ -44,6 +52,8 @@ class Engine:
     """Memory-aware α the checkpoint was trained with: the /ask default when a request gives none."""
     profile: PromptProfile = get_profile(None)
     """How the checkpoint asks its LLM (recorded at training time); its stop strings end every answer."""
+    compress_dtype: torch.dtype = torch.float32
+    """Θ's compute dtype (Settings.compress_dtype resolved): bfloat16 runs Θ under autocast."""
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -62,7 +72,7 @@ class Engine:
             log.warning("checkpoint trained with alpha=%s; the %s engine answers with alpha=0", alpha, settings.engine)
             alpha = 0.0
         engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,
-                     checkpoint_profile(config))
+                     checkpoint_profile(config), resolve_compress_dtype(settings))
         log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", settings.llm, checkpoint,
                  engine.compressor_version, engine.load_seconds)
         return engine
@@ -79,10 +89,25 @@ class Engine:
     def max_top_k(self) -> int:
         return self.modules.config.aggregator.max_docs
 
-    def compress(self, texts: Sequence[str]) -> Compressed:
+    def tokenize(self, texts: Sequence[str]) -> ChunkedBatch:
+        """Θ's input, on the CPU; refuses empty or over-long texts. The ingest batcher's first stage, which
+        runs on its own thread while Θ computes the batch before."""
+        return self.modules.compressor.tokenize(list(texts))
+
+    def _theta(self, batch: ChunkedBatch) -> Compressed:
+        """Θ in the compute dtype; bfloat16 through autocast, whose outputs may be bf16 or fp32."""
+        autocast = (torch.autocast(self.modules.device.type, dtype=self.compress_dtype)
+                    if self.compress_dtype != torch.float32 else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            return self.modules.compressor(batch)
+
+    def compress_tokenized(self, batch: ChunkedBatch) -> Compressed:
         """Θ on CPU/GPU; memory and key come back on the CPU in fp16, exactly what is stored."""
-        out = self.modules.compressor.compress(list(texts))
+        out = self._theta(batch)
         return Compressed(out.memory.to("cpu", STORED_DTYPE), out.key.to("cpu", STORED_DTYPE))
+
+    def compress(self, texts: Sequence[str]) -> Compressed:
+        return self.compress_tokenized(self.tokenize(texts))
 
     def memory_value_bytes(self, compressor_version: str | None = None) -> int:
         """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""
@@ -92,8 +117,9 @@ class Engine:
                                   memory_dtype=STORED_DTYPE, d_k=c.retrieval_key_dim)
 
     def encode_questions(self, questions: Sequence[str]) -> Compressed:
-        """Θ(q) kept on the model's device in fp32 (ψ reads its tokens)."""
-        return self.modules.compressor.compress(list(questions))
+        """Θ(q) kept on the model's device in fp32 (ψ reads its tokens), computed like the documents' keys."""
+        out = self._theta(self.tokenize(questions))
+        return Compressed(out.memory.float(), out.key.float())
 
     @torch.inference_mode()
     def aggregate(self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:

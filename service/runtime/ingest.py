@@ -15,6 +15,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import InvalidInputError, PayloadTooLargeError
+from service.models.compressor import ChunkedBatch
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
@@ -24,8 +25,10 @@ CompressedDoc = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (
 
 
 def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, CompressedDoc]:
-    def compress(texts: list[str]) -> list[CompressedDoc]:
-        out = engine.compress(texts)
+    """Tokenization (the prepare stage, on its own thread) is pipelined with Θ's forward."""
+
+    def compress(batch: ChunkedBatch) -> list[CompressedDoc]:
+        out = engine.compress_tokenized(batch)
         return list(zip(out.memory.unbind(0), out.key.unbind(0), strict=True))
 
     return MicroBatcher(
@@ -35,6 +38,7 @@ def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> 
         max_wait_s=settings.batch_wait_ms / 1000,
         max_queue=settings.max_queue,
         on_batch=on_batch,
+        prepare=engine.tokenize,
     )
 
 

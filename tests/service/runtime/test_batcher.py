@@ -100,3 +100,50 @@ def test_grouping_keeps_incompatible_items_in_separate_calls():
 
     assert run(main()) == [[1], [2], [3]]
     assert sorted(len(c) for c in calls) == [1, 2] and all(len({k for k, _ in c}) == 1 for c in calls)
+
+
+def test_the_prepare_stage_runs_on_its_own_thread_while_fn_runs_the_batch_before():
+    """Ingest's tokenization overlaps Θ: batch 2 is prepared while fn still holds batch 1."""
+    second_prepared = threading.Event()
+    threads: dict[str, set[str]] = {"prepare": set(), "fn": set()}
+
+    def prepare(items: list[int]) -> list[int]:
+        threads["prepare"].add(threading.current_thread().name)
+        if items == [2]:
+            second_prepared.set()
+        return [10 * i for i in items]
+
+    def fn(prepared: list[int]) -> list[int]:
+        threads["fn"].add(threading.current_thread().name)
+        if prepared == [10]:  # batch 1 ends only once batch 2 has been prepared (or fails after 60 s)
+            assert second_prepared.wait(60), "batch 2 was not prepared while batch 1 ran"
+        return [p + 1 for p in prepared]
+
+    async def main():
+        b = MicroBatcher(fn, name="t", max_batch=1, max_wait_s=0, max_queue=8, prepare=prepare)
+        b.start()
+        out = await asyncio.gather(b.submit([1]), b.submit([2]), b.submit([3]))
+        await b.close()
+        return out
+
+    assert run(main()) == [[11], [21], [31]]
+    assert threads["prepare"] == {"prepare-t_0"} and threads["fn"] == {"batch-t_0"}
+
+
+def test_a_request_whose_prepare_stage_fails_fails_alone():
+    def prepare(items: list[str]) -> list[str]:
+        if "" in items:
+            raise ValueError("empty text")
+        return items
+
+    async def main():
+        b = MicroBatcher(lambda xs: [x.upper() for x in xs], name="t", max_batch=16, max_wait_s=0.02, max_queue=64,
+                         prepare=prepare)
+        b.start()
+        results = await asyncio.gather(b.submit(["a"]), b.submit([""]), b.submit(["c", "d"]), return_exceptions=True)
+        await b.close()
+        return results
+
+    ok_a, bad, ok_cd = run(main())
+    assert ok_a == ["A"] and ok_cd == ["C", "D"]
+    assert isinstance(bad, ValueError) and "empty text" in str(bad)
