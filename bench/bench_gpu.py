@@ -8,10 +8,11 @@ the FLOP ceiling, the decode loop's time per token against the HBM limit, and CM
 Sections (--sections ingest,decode,rag):
 - ingest: 256-token documents (the SQuAD test stream cut into 256 MiniLM tokens), Θ of the default config
   (MiniLM backbone, untrained heads). Documents/s of: the tokenizer alone; Θ's raw forward on batches already
-  tokenized and on the device (fp32, bf16 autocast); `Engine.compress` (tokenize, forward, copy back: what
-  POST /documents runs) in fp32 and in bf16 (Settings.compress_dtype); the backbone's FLOP ceiling at
-  --peak-tflops. bf16 against fp32 on the service path: key cosine, memory relative error.
-  Targets: service bf16 ≥ 10,000 docs/s and ≥ half the raw bf16 forward; key cosine ≥ 0.999.
+  tokenized and on the device (fp32, bf16 autocast); `Engine.compress` (tokenize, forward, copy back) in fp32
+  and in bf16 (Settings.compress_dtype); the ingest batcher POST /documents runs, which pipelines tokenization
+  (its own thread) with the forward, in bf16; the backbone's FLOP ceiling at --peak-tflops. bf16 against
+  fp32 on the service path: key cosine, memory relative error. Targets: the batcher in bf16 ≥ 10,000 docs/s
+  and ≥ half the raw bf16 forward; key cosine ≥ 0.999.
 - decode: random bf16 Llamas shaped like SmolLM2-135M and Llama-2-7B; time per token at batch 1 of
   `HFCausalLM.generate` and of the continuous decoder (the /ask path), against the HBM limit (weight bytes
   / --hbm-tbps). Targets: ≤ 6 ms (7B), < 3 ms (SmolLM2).
@@ -23,6 +24,7 @@ Sections (--sections ingest,decode,rag):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import gzip
@@ -42,6 +44,8 @@ from service.models.continuous import ContinuousDecoder
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prefix import KVLayout, KVPrefix
 from service.runtime.engine import Engine
+from service.runtime.ingest import make_compress_batcher
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "test.jsonl.gz"
@@ -114,6 +118,8 @@ def ingest(device: torch.device, n_docs: int, batch: int, peak_tflops: float) ->
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rates[f"raw_forward_{name}"] = n_docs / timed(lambda dtype=dtype: raw(dtype), device)
         rates[f"service_path_{name}"] = n_docs / timed(lambda dtype=dtype: service(dtype), device)
+    engine.compress_dtype = torch.bfloat16
+    rates["batcher_pipelined_bf16"] = n_docs / timed(lambda: asyncio.run(through_batcher(engine, batches)), device)
     a, b = service(torch.float32)[0], service(torch.bfloat16)[0]
     rel = (a.memory.float() - b.memory.float()).norm(dim=-1) / a.memory.float().norm(dim=-1)  # (B, k)
     backbone = theta.backbone
@@ -129,11 +135,21 @@ def ingest(device: torch.device, n_docs: int, batch: int, peak_tflops: float) ->
         },
     }
     out["targets"] = {
-        "service_bf16_at_least_10000_docs_per_s": rates["service_path_bf16"] >= 10_000,
-        "service_bf16_at_least_half_raw_bf16": rates["service_path_bf16"] >= 0.5 * rates["raw_forward_bf16"],
+        "service_bf16_at_least_10000_docs_per_s": rates["batcher_pipelined_bf16"] >= 10_000,
+        "service_bf16_at_least_half_raw_bf16": rates["batcher_pipelined_bf16"] >= 0.5 * rates["raw_forward_bf16"],
         "key_cosine_at_least_0.999": out["bf16_vs_fp32"]["key_cosine_min"] >= 0.999,
     }
     return out
+
+
+async def through_batcher(engine: Engine, batches: list[list[str]]) -> None:
+    """Every batch submitted at once to the ingest batcher (as concurrent POST /documents would), awaited."""
+    n = sum(len(b) for b in batches)
+    settings = Settings(ingest_batch_size=len(batches[0]), batch_wait_ms=0, max_queue=n)
+    batcher = make_compress_batcher(engine, settings)
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(b) for b in batches))
+    await batcher.close()
 
 
 # ---- decode and CMT vs RAG -----------------------------------------------------------------------

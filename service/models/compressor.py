@@ -26,6 +26,7 @@ from service.models.key_encoder import KeyEncoder, KeyWindows, mean_pool
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
 from service.models.token_pool import TokenPool
+from service.models.windows import WindowTokenizer
 
 
 def resolve_backbone(name: str) -> str:
@@ -108,6 +109,7 @@ class Compressor(nn.Module):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
+        self.windows = WindowTokenizer(tokenizer, config.chunk_tokens, config.chunk_overlap)
         self.backbone.requires_grad_(config.train_backbone)
         d_e, d_m, k = backbone.config.hidden_size, config.memory_dim, config.num_memory_tokens
         self.in_proj = nn.Linear(d_e, d_m) if d_e != d_m else nn.Identity()
@@ -178,16 +180,7 @@ class Compressor(nn.Module):
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise InvalidInputError(f"text #{i} is empty or not a string")
-        enc = self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.config.chunk_tokens,
-            stride=self.config.chunk_overlap,
-            return_overflowing_tokens=True,
-            padding="longest",
-            return_tensors="pt",
-        )
-        doc_index = enc["overflow_to_sample_mapping"]  # (N,)
+        input_ids, attention_mask, doc_index = self.windows(texts)  # (N, L), (N, L), (N,)
         first_chunk = torch.searchsorted(doc_index, doc_index)  # (N,) index of each doc's chunk 0
         chunk_index = torch.arange(len(doc_index)) - first_chunk  # (N,)
         counts = torch.bincount(doc_index, minlength=len(texts))  # (B,)
@@ -200,7 +193,7 @@ class Compressor(nn.Module):
                 details={"texts": too_long},
             )
         key_windows = None if self.key_encoder is None else self.key_encoder.tokenize(texts)
-        return ChunkedBatch(enc["input_ids"], enc["attention_mask"], doc_index, chunk_index, len(texts), key_windows)
+        return ChunkedBatch(input_ids, attention_mask, doc_index, chunk_index, len(texts), key_windows)
 
     # ---- forward ------------------------------------------------------------------------------
 

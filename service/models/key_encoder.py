@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from service.models.windows import WindowTokenizer
+
 
 @dataclass
 class KeyWindows:
@@ -51,6 +53,7 @@ class KeyEncoder(nn.Module):
         self.encoder = encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.window, self.overlap = window, overlap
+        self.windows = WindowTokenizer(tokenizer, window, overlap)
 
     @classmethod
     def load(cls, path: str) -> KeyEncoder:
@@ -70,9 +73,7 @@ class KeyEncoder(nn.Module):
         return self
 
     def tokenize(self, texts: Sequence[str]) -> KeyWindows:
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.window, stride=self.overlap,
-                             return_overflowing_tokens=True, padding="longest", return_tensors="pt")
-        return KeyWindows(enc["input_ids"], enc["attention_mask"], enc["overflow_to_sample_mapping"], len(texts))
+        return KeyWindows(*self.windows(texts), len(texts))
 
     def forward(self, windows: KeyWindows) -> torch.Tensor:
         """→ (B, d_s) the dense key part, L2-normalised (no gradient: the encoder is frozen)."""

@@ -23,7 +23,8 @@ def test_the_gpu_benchmark_runs_every_section_in_smoke_mode(tmp_path):
     result = json.loads(out.read_text())
     ingest = result["ingest"]
     assert set(ingest["docs_per_s"]) == {"tokenizer_alone", "raw_forward_fp32", "raw_forward_bf16",
-                                         "service_path_fp32", "service_path_bf16", "backbone_flop_ceiling"}
+                                         "service_path_fp32", "service_path_bf16", "batcher_pipelined_bf16",
+                                         "backbone_flop_ceiling"}
     assert all(v > 0 for v in ingest["docs_per_s"].values())
     assert ingest["bf16_vs_fp32"]["key_cosine_min"] >= 0.999  # the tolerance Settings.compress_dtype states
     assert set(ingest["targets"]) >= {"service_bf16_at_least_10000_docs_per_s", "key_cosine_at_least_0.999"}
