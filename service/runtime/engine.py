@@ -29,15 +29,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+STORED_DTYPE = torch.float16
+"""dtype of the memory and the key `Engine.compress` hands to the store: fp16 halves the bank's
+bytes, and cosine top-k over fp16 keys ranks like fp32."""
+
 
 def resolve_compress_dtype(settings: Settings) -> torch.dtype:
     """Settings.compress_dtype resolved for the device: "auto" is bfloat16 on CUDA only."""
     if settings.compress_dtype == "auto":
         return torch.bfloat16 if torch.device(settings.device).type == "cuda" else torch.float32
     return DTYPES[settings.compress_dtype]
-STORED_DTYPE = torch.float16
-"""dtype of the memory and the key `Engine.compress` hands to the store: fp16 halves the bank's
-bytes, and cosine top-k over fp16 keys ranks like fp32."""
 
 
 @dataclass
