@@ -77,7 +77,7 @@ def reindex_main(argv: list[str] | None = None) -> int:
 
     def compress(texts: list[str]):
         out = engine.compress(texts)
-        return out.memory, out.key  # (B, k, d_m) fp16, (B, d_k)
+        return engine.stored_memories(out), out.key  # B × ((k, d_m) fp16 or TokenPicks), (B, d_k)
 
     with open_bank(settings) as store:  # closing it stops an embedded server this command started
         stats = reindex(store, compress, engine.compressor_version, batch_size=settings.ingest_batch_size,

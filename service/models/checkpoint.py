@@ -6,8 +6,9 @@
     aggregator.safetensors ψ
     aligner.safetensors    π
 
-The compressor version (a hash of Θ's weights and backbone) tags every stored memory, so the
-service can tell memories made by another Θ from current ones.
+The compressor version (a hash of Θ's weights, its config, its backbone and key encoder) tags every
+stored memory, so the service can tell memories made by another Θ, or stored another way
+(CompressorConfig.stored_picks), from current ones.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def save_checkpoint(
         tmp.replace(directory / MODULE_FILES[name])
     backbone = _backbone_identity(modules.compressor)
     digest = hashlib.sha256((directory / MODULE_FILES["compressor"]).read_bytes())
+    digest.update(json.dumps(modules.config.to_dict()["compressor"], sort_keys=True).encode())  # e.g. stored_picks
     digest.update(backbone["fingerprint"].encode())
     key_encoder = _key_encoder_identity(modules.compressor)
     if key_encoder is not None:

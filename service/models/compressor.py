@@ -25,7 +25,7 @@ from service.models.config import DEFAULT_BACKBONE, CompressorConfig
 from service.models.key_encoder import KeyEncoder, KeyWindows, mean_pool
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
-from service.models.token_pool import TokenPool
+from service.models.token_pool import TokenPool, mix_picks
 from service.models.windows import WindowTokenizer
 
 
@@ -80,6 +80,9 @@ class Compressed:
 
     memory: torch.Tensor  # (B, k, d_m)
     key: torch.Tensor  # (B, d_k), L2-normalised retrieval key (d_k = CompressorConfig.retrieval_key_dim)
+    picks: tuple[torch.Tensor, torch.Tensor] | None = None
+    """With CompressorConfig.stored_picks = m: the token ids (B, k, m) and weights (B, k, m) the memory is
+    made of (`token_pool.mix_picks` of their embeddings), what the bank stores instead of the memory."""
 
 
 class Compressor(nn.Module):
@@ -121,7 +124,8 @@ class Compressor(nn.Module):
             raise InvalidInputError(
                 f"memory_values='token_embeddings' needs memory_dim equal to the backbone's width {d_e}, got {d_m}"
             )
-        self.token_pool = TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids) if pooled else None
+        self.token_pool = (TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids, config.stored_picks)
+                           if pooled else None)
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(d_m, config.num_heads, config.dropout)
             for _ in range(0 if pooled else config.num_layers)
@@ -213,14 +217,15 @@ class Compressor(nn.Module):
         mask = mask.index_put((batch.doc_index, batch.chunk_index), batch.attention_mask)
         ctx, ctx_mask = packed.view(B, C * L, d_m), mask.view(B, C * L).bool()  # (B, C·L, d_m), (B, C·L)
 
+        picks = None
         if self.token_pool is not None:
-            memory = self._pooled_memory(batch, ctx, ctx_mask)  # (B, k, d_m)
+            memory, picks = self._pooled_memory(batch, ctx, ctx_mask)  # (B, k, d_m), ids and weights (B, k, m)
         else:
             x = self.soft_tokens.expand(B, -1, -1)  # (B, k, d_m)
             for block in self.blocks:
                 x = block(x, ctx, ctx_mask)
             memory = self.out_norm(x)  # (B, k, d_m)
-        return Compressed(memory=memory, key=self._key(batch, memory, tokens))
+        return Compressed(memory=memory, key=self._key(batch, memory, tokens), picks=picks)
 
     def _key(self, batch: ChunkedBatch, memory: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
         """The retrieval key (B, d_k), L2-normalised. With a key encoder: [its dense part (B, d_s) ; β·lexical
@@ -248,20 +253,30 @@ class Compressor(nn.Module):
             key = F.normalize(key, dim=-1) + self.config.lexical_key_weight * lexical.to(key.dtype)  # (B, d_m)
         return F.normalize(key, dim=-1)
 
-    def _pooled_memory(self, batch: ChunkedBatch, ctx: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+    def _pooled_memory(
+        self, batch: ChunkedBatch, ctx: torch.Tensor, ctx_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """memory_values="token_embeddings": the token pool over the document's ids and input-token embeddings,
-        packed like `ctx`, its contextual states (B, C·L, d_e) → (B, k, d_e)."""
+        packed like `ctx`, its contextual states (B, C·L, d_e) → (B, k, d_e), and its picks (stored_picks)."""
         B, C = batch.num_docs, int(batch.chunk_index.max()) + 1
         where = (batch.doc_index, batch.chunk_index)
         ids = batch.input_ids.new_zeros(B, C, batch.input_ids.shape[1]).index_put(where, batch.input_ids)  # (B, C, L)
         ids = ids.view(B, -1)  # (B, C·L)
         tokens = self.backbone.get_input_embeddings()(ids).to(ctx.dtype)  # (B, C·L, d_e)
-        return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e)
+        return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e), ids and weights (B, k, m)
 
-    def fit_lexical_idf(self, texts: Sequence[str]) -> None:
+    def memory_from_picks(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A stored memory's token ids (..., k, m) and weights (..., k, m) → the memory (..., k, d_m) that
+        forward made of them (stored_picks), from the backbone's input-token embeddings, in fp32."""
+        table = self.backbone.get_input_embeddings()
+        embeddings = table(ids.to(self.device)).float()  # (..., k, m, d_e)
+        return mix_picks(weights.to(self.device), embeddings)  # (..., k, d_e)
+
+    def fit_lexical_idf(self, texts: Sequence[str], token_pool: bool = True) -> None:
         """Start the token weights of the lexical key and of the token pool at this corpus' IDF (no-op without
-        either), each over the ids of the tokenizer it reads."""
-        if self.token_pool is not None:
+        either), each over the ids of the tokenizer it reads. token_pool=False leaves the pool's (trained)
+        salience as it is: giving a trained checkpoint another key (trainer.rekey) must not reset it."""
+        if token_pool and self.token_pool is not None:
             self.token_pool.fit_idf(self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"])
         if self.lexical_key is not None:
             key_tokenizer = self.tokenizer if self.key_encoder is None else self.key_encoder.tokenizer

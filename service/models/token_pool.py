@@ -1,7 +1,8 @@
 """Θ's "token_embeddings" memory: k soft picks of the text's own input-token embeddings, in text order.
 
 Letters: B docs, T token slots of a doc (all chunks packed, padding included), k memory tokens,
-d_e backbone width (= the frozen LLM's width when the backbone is the LLM), V vocabulary.
+m picks kept per slot (CompressorConfig.stored_picks), d_e backbone width (= the frozen LLM's width
+when the backbone is the LLM), V vocabulary.
 
 Why: a memory made of new vectors must be taught to the frozen LLM from scratch, and short CPU runs
 never got it read (the prefix collapsed to a constant prompt; models/smollm2-135m-instruct/README.md).
@@ -16,6 +17,10 @@ prior on the token's relative position centred on the j-th of k equal stretches 
 j starts as "the rarest token near the j-th k-th of the text". A zero-initialised map of the same mix
 of contextual states is added, so training can also write context (a word's other pieces, its role)
 into the slot.
+
+With m = stored_picks > 0 each slot keeps only its m heaviest picks, renormalised, and no map of
+states: the memory is then exactly Σ_i w_i · E[id_i] over m (id, weight) pairs, which the bank stores
+instead of the d_e-wide vectors (codec.TokenPicks) and the service turns back into the same memory.
 """
 
 from __future__ import annotations
@@ -24,22 +29,28 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class TokenPool(nn.Module):
-    def __init__(self, vocab_size: int, width: int, num_slots: int, special_ids: Sequence[int] = ()) -> None:
+    def __init__(
+        self, vocab_size: int, width: int, num_slots: int, special_ids: Sequence[int] = (), num_picks: int = 0
+    ) -> None:
         super().__init__()
         self.num_slots = num_slots
+        self.num_picks = num_picks
         self.token_salience = nn.Parameter(torch.zeros(vocab_size))  # (V,) IDF after fit_idf
         self.state_salience = nn.Linear(width, 1)
         nn.init.zeros_(self.state_salience.weight)
         nn.init.zeros_(self.state_salience.bias)
         self.log_temperature = nn.Parameter(torch.zeros(()))  # τ = 1 at the start
         self.log_prior_width = nn.Parameter(torch.tensor(math.log(0.3)))  # σ in units of one stretch
-        self.state_proj = nn.Linear(width, width)
-        nn.init.zeros_(self.state_proj.weight)
-        nn.init.zeros_(self.state_proj.bias)
+        self.state_proj = None  # token picks store ids and weights only: no room for a map of states
+        if not num_picks:
+            self.state_proj = nn.Linear(width, width)
+            nn.init.zeros_(self.state_proj.weight)
+            nn.init.zeros_(self.state_proj.bias)
         usable = torch.ones(vocab_size, dtype=torch.bool)
         usable[[i for i in special_ids if 0 <= i < vocab_size]] = False  # BOS/EOS/padding say nothing
         self.register_buffer("usable", usable, persistent=False)  # (V,)
@@ -55,18 +66,38 @@ class TokenPool(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, embeddings: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """ids (B, T), embeddings (B, T, d_e) input-token embeddings, states (B, T, d_e) contextual states,
-        mask (B, T) bool (real tokens) → memory (B, k, d_e)."""
-        k = self.num_slots
+        mask (B, T) bool (real tokens) → memory (B, k, d_e), and with num_picks the picks it is made of:
+        token ids (B, k, m) and weights (B, k, m) (a text shorter than m tokens gets zero-weight fillers)."""
+        weights = self.pick_weights(ids, states, mask)  # (B, k, T)
+        if not self.num_picks:
+            return weights @ embeddings + self.state_proj(weights @ states), None  # (B, k, d_e)
+        B, k, T = weights.shape
+        top, where = weights.topk(min(self.num_picks, T), dim=-1)  # (B, k, m')
+        top = top / top.sum(-1, keepdim=True)
+        top = F.pad(top, (0, self.num_picks - top.shape[-1]))  # (B, k, m)
+        where = F.pad(where, (0, self.num_picks - where.shape[-1]))  # (B, k, m)
+        picked = embeddings.gather(1, where.view(B, -1, 1).expand(-1, -1, embeddings.shape[-1]))  # (B, k·m, d_e)
+        memory = mix_picks(top, picked.view(B, k, self.num_picks, -1))  # (B, k, d_e)
+        return memory, (ids.gather(1, where.view(B, -1)).view(B, k, -1), top)
+
+    def pick_weights(self, ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), states (B, T, d_e), mask (B, T) → each slot's weights over the text (B, k, T)."""
+        k, dtype = self.num_slots, states.dtype
         real = mask & self.usable[ids]  # (B, T)
         real = torch.where(real.any(1, keepdim=True), real, mask)  # a text of special tokens only keeps them
         order = real.cumsum(1) - 1  # (B, T) index of each real token in its text
         n = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
-        where = (order.to(embeddings.dtype) + 0.5) / n * k  # (B, T) position in units of one stretch
-        centres = torch.arange(k, device=ids.device, dtype=embeddings.dtype) + 0.5  # (k,)
+        where = (order.to(dtype) + 0.5) / n * k  # (B, T) position in units of one stretch
+        centres = torch.arange(k, device=ids.device, dtype=dtype) + 0.5  # (k,)
         prior = -0.5 * ((where[:, None, :] - centres[None, :, None]) / self.log_prior_width.exp()) ** 2  # (B, k, T)
         salience = self.token_salience[ids] + self.state_salience(states).squeeze(-1)  # (B, T)
         logits = prior + (salience / self.log_temperature.exp())[:, None, :]  # (B, k, T)
-        weights = logits.masked_fill(~real[:, None, :], float("-inf")).softmax(-1)  # (B, k, T)
-        return weights @ embeddings + self.state_proj(weights @ states)  # (B, k, d_e)
+        return logits.masked_fill(~real[:, None, :], float("-inf")).softmax(-1)  # (B, k, T)
+
+
+def mix_picks(weights: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """weights (..., k, m), the picked tokens' embeddings (..., k, m, d_e) → memory (..., k, d_e): one
+    formula for Θ's forward and for the service rebuilding a stored memory from its picks."""
+    return (weights[..., None].to(embeddings.dtype) * embeddings).sum(-2)

@@ -127,13 +127,15 @@ class AskService:
             zip(ids, self.store.get_memories(ids, compressor_version=self.engine.compressor_version), strict=True)
         )
         kept = [[h for h in row if stored.get(h.id) is not None] for row in ordered]
+        found = [i for i in ids if stored[i] is not None]
+        dense = dict(zip(found, self.engine.dense_memories([stored[i].memory for i in found]), strict=True))
         B, K = len(kept), max((len(r) for r in kept), default=0)
         k, d_m = self.engine.num_memory_tokens, self.engine.modules.config.compressor.memory_dim
         memories = torch.zeros(B, K, k, d_m, dtype=torch.float16)  # (B, K, k, d_m)
         mask = torch.zeros(B, K, dtype=torch.bool)  # (B, K)
         for b, row in enumerate(kept):
             for j, hit in enumerate(row):
-                memories[b, j] = stored[hit.id].memory
+                memories[b, j] = dense[hit.id]
                 mask[b, j] = True
         return memories, mask, kept
 

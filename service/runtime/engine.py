@@ -1,6 +1,7 @@
 """The models the service serves with: the frozen LLM and the Θ/ψ/π of one checkpoint.
 
-Letters: B questions, K selected docs, k memory tokens, d_m memory width.
+Letters: B questions, K selected docs, n stored memories, k memory tokens, d_m memory width,
+m token picks per slot (CompressorConfig.stored_picks).
 """
 
 from __future__ import annotations
@@ -103,19 +104,45 @@ class Engine:
             return self.modules.compressor(batch)
 
     def compress_tokenized(self, batch: ChunkedBatch) -> Compressed:
-        """Θ on CPU/GPU; memory and key come back on the CPU in fp16, exactly what is stored."""
+        """Θ on CPU/GPU; memory, key and picks come back on the CPU in fp16 (ids int64), what is stored."""
         out = self._theta(batch)
-        return Compressed(out.memory.to("cpu", STORED_DTYPE), out.key.to("cpu", STORED_DTYPE))
+        picks = None if out.picks is None else (out.picks[0].cpu(), out.picks[1].to("cpu", STORED_DTYPE))
+        return Compressed(out.memory.to("cpu", STORED_DTYPE), out.key.to("cpu", STORED_DTYPE), picks)
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         return self.compress_tokenized(self.tokenize(texts))
+
+    @staticmethod
+    def stored_memories(out: Compressed) -> list[codec.Memory]:
+        """What the bank stores of each document of `compress`'s batch: its token picks (k, m) when the
+        checkpoint stores picks, else its memory (k, d_m)."""
+        if out.picks is None:
+            return list(out.memory.unbind(0))
+        return [codec.TokenPicks(ids, weights) for ids, weights in zip(*out.picks, strict=True)]
+
+    @torch.inference_mode()
+    def dense_memories(self, stored: Sequence[codec.Memory]) -> torch.Tensor:
+        """Stored memories read back → (n, k, d_m) on the CPU in fp16; token picks are rebuilt from Θ's
+        token embeddings (one lookup for all of them)."""
+        k, d_m = self.num_memory_tokens, self.modules.config.compressor.memory_dim
+        out = torch.empty(len(stored), k, d_m, dtype=STORED_DTYPE)  # (n, k, d_m)
+        picked = [i for i, m in enumerate(stored) if isinstance(m, codec.TokenPicks)]
+        for i, m in enumerate(stored):
+            if i not in picked:
+                out[i] = m
+        if picked:
+            ids = torch.stack([stored[i].ids for i in picked])  # (n', k, m)
+            weights = torch.stack([stored[i].weights for i in picked])  # (n', k, m)
+            out[picked] = self.modules.compressor.memory_from_picks(ids, weights).to("cpu", STORED_DTYPE)
+        return out
 
     def memory_value_bytes(self, compressor_version: str | None = None) -> int:
         """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""
         cv = self.compressor_version if compressor_version is None else compressor_version
         c = self.modules.config.compressor
-        return codec.encoded_size(self.num_memory_tokens, c.memory_dim, cv, key_dtype=STORED_DTYPE,
-                                  memory_dtype=STORED_DTYPE, d_k=c.retrieval_key_dim)
+        per_slot = c.stored_picks or c.memory_dim
+        return codec.encoded_size(self.num_memory_tokens, per_slot, cv, key_dtype=STORED_DTYPE,
+                                  memory_dtype=STORED_DTYPE, d_k=c.retrieval_key_dim, picks=bool(c.stored_picks))
 
     def encode_questions(self, questions: Sequence[str]) -> Compressed:
         """Θ(q) kept on the model's device in fp32 (ψ reads its tokens), computed like the documents' keys."""

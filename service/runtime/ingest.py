@@ -20,8 +20,9 @@ from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
 from service.storage.base import DocumentInput, MemoryStore, MemoryWrite, PutResult, content_hash
+from service.storage.codec import Memory
 
-CompressedDoc = tuple[torch.Tensor, torch.Tensor]  # memory (k, d_m) fp16, key (d_m,) fp16
+CompressedDoc = tuple[Memory, torch.Tensor]  # memory (k, d_m) fp16 or its TokenPicks (k, m), key (d_k,) fp16
 
 
 def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> MicroBatcher[str, CompressedDoc]:
@@ -29,7 +30,7 @@ def make_compress_batcher(engine: Engine, settings: Settings, on_batch=None) -> 
 
     def compress(batch: ChunkedBatch) -> list[CompressedDoc]:
         out = engine.compress_tokenized(batch)
-        return list(zip(out.memory.unbind(0), out.key.unbind(0), strict=True))
+        return list(zip(engine.stored_memories(out), out.key.unbind(0), strict=True))
 
     return MicroBatcher(
         compress,

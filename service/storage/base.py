@@ -20,6 +20,7 @@ import torch
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from service.errors import InvalidInputError, StorageUnavailableError
+from service.storage.codec import Memory
 
 PutStatus = Literal["new", "unchanged", "replaced"]
 MAX_ID_BYTES = 512
@@ -117,7 +118,7 @@ class StoredMemory:
     """One document's memory as read back: bit-exact with what was written."""
 
     doc_id: str
-    memory: torch.Tensor  # (k, d_m) fp16 (or bf16 if written as bf16)
+    memory: Memory  # (k, d_m) fp16 (or bf16 if written as bf16), or TokenPicks (k, m) if written so
     key: torch.Tensor  # (d_k,) fp32 (stored as fp16 or fp32: see codec.py)
     compressor_version: str
 
@@ -127,7 +128,7 @@ class MemoryWrite:
     """One item of `put_many`: the document and the memory Θ made of it."""
 
     doc: DocumentInput
-    memory: torch.Tensor  # (k, d_m)
+    memory: Memory  # (k, d_m), or TokenPicks (k, m)
     key: torch.Tensor  # (d_k,)
 
 
@@ -212,7 +213,7 @@ class MemoryStore(Protocol):
 
     # -- documents and memories ------------------------------------------------------------------
     def put_many(
-        self, items: Sequence[MemoryWrite | tuple[DocumentInput, torch.Tensor, torch.Tensor]], compressor_version: str
+        self, items: Sequence[MemoryWrite | tuple[DocumentInput, Memory, torch.Tensor]], compressor_version: str
     ) -> list[PutResult]:
         """Write a batch atomically (all-or-nothing per document) in one round trip."""
         ...
@@ -232,7 +233,7 @@ class MemoryStore(Protocol):
         ...
 
     def update_memories(
-        self, items: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]], compressor_version: str
+        self, items: Sequence[tuple[str, str, Memory, torch.Tensor]], compressor_version: str
     ) -> list[str]:
         """Replace memories of (id, expected content hash, memory, key): "updated", "gone" or "changed"."""
         ...

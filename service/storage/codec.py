@@ -9,20 +9,26 @@ Layout (all integers little-endian)::
 
     offset size  field
     0      4     magic b"CMTM"
-    4      1     format version (1 or 2)
-    5      1     memory dtype code (1 = fp16, 2 = bf16)
+    4      1     format version (1, 2 or 3)
+    5      1     memory code (1 = fp16, 2 = bf16; 5 = token picks, format 3 only)
     6      1     key dtype code (3 = fp32, 4 = fp16)
     7      1     length L of the compressor version (UTF-8, 1..255 bytes)
     8      4     k (uint32)
-    12     4     d_m (uint32)
-    16     4     d_k, the key's width (uint32): format 2 only; format 1 has d_k = d_m and no such field
-    H      L     compressor version                       (H = 16 for format 1, 20 for format 2)
+    12     4     d_m (uint32); m, the picks per slot, for token picks
+    16     4     d_k, the key's width (uint32): formats 2 and 3; format 1 has d_k = d_m and no such field
+    H      L     compressor version                       (H = 16 for format 1, 20 for formats 2 and 3)
     H+L    w·d_k retrieval key, fp16 (w=2) or fp32 (w=4)    # (d_k,)
     ...    2·k·d_m memory, fp16 or bf16, row-major         # (k, d_m)
+    or, format 3 (token picks):
+    ...    4·k·m   token ids, uint32, row-major            # (k, m)
+    ...    2·k·m   their weights, fp16, row-major          # (k, m)
 
 A value whose key is as wide as its memory is written in format 1, byte for byte what builds before
 format 2 wrote (so a rollback still reads it); a key of another width (a checkpoint with a key
-encoder, CompressorConfig.key_dim) needs format 2. Both are read.
+encoder, CompressorConfig.key_dim) needs format 2. Format 3 holds a memory stored as token picks
+(`TokenPicks`, CompressorConfig.stored_picks): 6 bytes a pick instead of 2·d_m bytes a slot (SmolLM2,
+k=32, m=8: 1,536 B instead of 36,864 B). All three are read; a build before format 3 refuses its values
+with "format version 3", so a rollback reindexes rather than misreads.
 
 Both parts are stored in the dtype they come in, so the round trip is bit-exact: an fp16 key in
 2 bytes per value (what the service's Θ hands over: `Engine.compress` casts memory and key to
@@ -42,8 +48,9 @@ import torch
 from service.errors import InvalidInputError, StorageUnavailableError
 
 MAGIC = b"CMTM"
-FORMAT_VERSION = 2
-HEADERS = {1: struct.Struct("<4sBBBBII"), 2: struct.Struct("<4sBBBBIII")}  # ..., cv length, k, d_m[, d_k]
+FORMAT_VERSION = 3
+HEADERS = {1: struct.Struct("<4sBBBBII"), 2: struct.Struct("<4sBBBBIII"), 3: struct.Struct("<4sBBBBIII")}
+"""Per format: magic, format, memory code, key code, cv length, k, d_m (or m)[, d_k]."""
 HEADER_SIZE = HEADERS[FORMAT_VERSION].size  # 20: enough bytes to parse either format's header
 MAX_VERSION_BYTES = 255
 MAX_K = 4096
@@ -51,6 +58,8 @@ MAX_D_M = 65536
 
 _MEM_DTYPES: dict[int, torch.dtype] = {1: torch.float16, 2: torch.bfloat16}
 _MEM_CODES: dict[torch.dtype, int] = {v: k for k, v in _MEM_DTYPES.items()}
+_PICKS = 5
+_PICK_BYTES = 6  # a uint32 token id and its fp16 weight
 _KEY_FP32 = 3
 _KEY_FP16 = 4
 # key dtype code → (numpy dtype, bytes per value). An fp16 key saves 2·d_m bytes per document
@@ -73,12 +82,30 @@ class CorruptMemoryError(StorageUnavailableError):
 
 
 @dataclass(frozen=True)
+class TokenPicks:
+    """A memory stored as token picks (CompressorConfig.stored_picks): slot j is Σ_i weights[j, i] ·
+    E[ids[j, i]], E the token embeddings of Θ's backbone, rebuilt when read (`Engine.dense_memories`).
+    Exact for Θ's token-pool memory, which is such a mix (service.models.token_pool)."""
+
+    ids: torch.Tensor  # (k, m) integer token ids
+    weights: torch.Tensor  # (k, m) fp16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.ids.shape)
+
+
+Memory = torch.Tensor | TokenPicks
+"""What one stored value holds besides its key: a dense (k, d_m) memory or its token picks."""
+
+
+@dataclass(frozen=True)
 class DecodedPrefix:
     """What the index needs from a stored value: version, sizes and the retrieval key."""
 
     compressor_version: str
     k: int
-    d_m: int
+    d_m: int  # m for token picks
     key: np.ndarray  # (d_k,) float32
 
 
@@ -93,8 +120,27 @@ def _check_version(compressor_version: str) -> bytes:
     return raw
 
 
-def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int]:
-    """Check shapes, dtypes and finiteness; return (k, d_m, d_k). Raises InvalidInputError."""
+def _validate_picks(picks: TokenPicks) -> None:
+    ids, weights = picks.ids, picks.weights
+    if not isinstance(ids, torch.Tensor) or not isinstance(weights, torch.Tensor):
+        raise InvalidInputError("token picks must hold torch tensors")
+    if ids.dim() != 2 or ids.shape != weights.shape:
+        raise InvalidInputError(f"token picks need ids and weights of one shape (k, m); got {tuple(ids.shape)} "
+                                f"and {tuple(weights.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or weights.dtype != torch.float16:
+        raise InvalidInputError(f"token picks need integer ids and fp16 weights; got {ids.dtype}, {weights.dtype}")
+    if ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < 2**32):
+        raise InvalidInputError("token pick ids must lie in [0, 2**32)")
+    if not bool(torch.isfinite(weights).all()):
+        raise InvalidInputError("token pick weights contain NaN or infinite values")
+
+
+def validate_memory(memory: Memory, key: torch.Tensor) -> tuple[int, int, int]:
+    """Check shapes, dtypes and finiteness; return (k, d_m, d_k), d_m = m for token picks.
+    Raises InvalidInputError."""
+    if isinstance(memory, TokenPicks):
+        _validate_picks(memory)
+        memory = memory.weights  # (k, m): shape and range checks below
     if not isinstance(memory, torch.Tensor) or not isinstance(key, torch.Tensor):
         raise InvalidInputError("memory and key must be torch tensors")
     if memory.dim() != 2:
@@ -117,21 +163,29 @@ def validate_memory(memory: torch.Tensor, key: torch.Tensor) -> tuple[int, int, 
     return int(k), int(d_m), int(key.shape[0])
 
 
-def encode(memory: torch.Tensor, key: torch.Tensor, compressor_version: str) -> bytes:
-    """Encode memory (k, d_m) fp16/bf16 and key (d_k,) float into one value (format 1 when d_k = d_m)."""
+def encode(memory: Memory, key: torch.Tensor, compressor_version: str) -> bytes:
+    """Encode memory (k, d_m) fp16/bf16 or token picks (k, m), and key (d_k,) float, into one value
+    (format 1 when d_k = d_m, 3 for token picks, else 2)."""
     version = _check_version(compressor_version)
     k, d_m, d_k = validate_memory(memory, key)
     key_code = _key_code(key.dtype)
-    fields = (_MEM_CODES[memory.dtype], key_code, len(version), k, d_m)
-    header = HEADERS[1].pack(MAGIC, 1, *fields) if d_k == d_m else HEADERS[2].pack(MAGIC, 2, *fields, d_k)
+    picks = isinstance(memory, TokenPicks)
+    fields = (_PICKS if picks else _MEM_CODES[memory.dtype], key_code, len(version), k, d_m)
+    fmt = 3 if picks else 1 if d_k == d_m else 2
+    header = HEADERS[fmt].pack(MAGIC, fmt, *fields, *(() if fmt == 1 else (d_k,)))
     np_dtype = _KEY_FORMATS[key_code][0]
     key_bytes = key.detach().to("cpu", torch.float32).contiguous().numpy().astype(np_dtype).tobytes()  # (d_k,)
+    if picks:
+        ids = memory.ids.detach().to("cpu", torch.int64).numpy().astype("<u4").tobytes()  # (k, m)
+        weights = memory.weights.detach().to("cpu").contiguous().numpy().astype("<f2").tobytes()  # (k, m)
+        return b"".join((header, version, key_bytes, ids, weights))
     mem_u8 = memory.detach().to("cpu").contiguous().view(torch.uint8)  # (k, 2·d_m) raw bytes; bf16 has no numpy
     return b"".join((header, version, key_bytes, mem_u8.numpy().tobytes()))
 
 
 @dataclass(frozen=True)
 class _Header:
+    fmt: int
     mem_code: int
     key_code: int
     vlen: int
@@ -148,6 +202,10 @@ class _Header:
     def memory_offset(self) -> int:
         return self.key_offset + _KEY_FORMATS[self.key_code][1] * self.d_k
 
+    @property
+    def memory_size(self) -> int:
+        return self.k * self.d_m * (_PICK_BYTES if self.mem_code == _PICKS else 2)
+
 
 def _parse_header(buf: bytes | memoryview) -> _Header:
     if len(buf) < 5 or bytes(buf[:4]) != MAGIC:
@@ -160,11 +218,11 @@ def _parse_header(buf: bytes | memoryview) -> _Header:
         raise CorruptMemoryError(f"stored memory value is {len(buf)} bytes, shorter than its header")
     _, _, mem_code, key_code, vlen, k, d_m, *rest = struct_.unpack_from(buf, 0)
     d_k = rest[0] if rest else d_m
-    if mem_code not in _MEM_DTYPES or key_code not in _KEY_FORMATS:
-        raise CorruptMemoryError(f"stored memory has unknown dtype codes ({mem_code}, {key_code})")
+    if (mem_code == _PICKS) != (fmt == 3) or mem_code not in (*_MEM_DTYPES, _PICKS) or key_code not in _KEY_FORMATS:
+        raise CorruptMemoryError(f"stored memory of format {fmt} has unknown codes ({mem_code}, {key_code})")
     if vlen == 0 or not (1 <= k <= MAX_K and 1 <= d_m <= MAX_D_M and 1 <= d_k <= MAX_D_M):
         raise CorruptMemoryError(f"stored memory header is out of range (k={k}, d_m={d_m}, d_k={d_k}, L={vlen})")
-    return _Header(mem_code, key_code, vlen, k, d_m, d_k, struct_.size)
+    return _Header(fmt, mem_code, key_code, vlen, k, d_m, d_k, struct_.size)
 
 
 def prefix_length(value_prefix: bytes) -> int:
@@ -189,19 +247,25 @@ def decode_prefix(buf: bytes) -> DecodedPrefix:
     return DecodedPrefix(version, h.k, h.d_m, key)
 
 
-def decode(buf: bytes) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Decode a full value into (memory (k, d_m) fp16/bf16, key (d_k,) fp32, compressor_version)."""
+def decode(buf: bytes) -> tuple[Memory, torch.Tensor, str]:
+    """Decode a full value into (memory (k, d_m) fp16/bf16 or TokenPicks (k, m), key (d_k,) fp32,
+    compressor_version)."""
     h = _parse_header(buf)
     k, d_m = h.k, h.d_m
-    expected = h.memory_offset + k * d_m * 2
+    expected = h.memory_offset + h.memory_size
     if len(buf) != expected:
         raise CorruptMemoryError(
             f"stored memory value is {len(buf)} bytes; header (k={k}, d_m={d_m}, d_k={h.d_k}) says {expected}"
         )
     prefix = decode_prefix(buf[: h.memory_offset])
+    key = torch.from_numpy(prefix.key)  # (d_k,)
+    if h.mem_code == _PICKS:
+        ids = np.frombuffer(buf, dtype="<u4", count=k * d_m, offset=h.memory_offset).astype(np.int64)  # (k·m,)
+        weights = np.frombuffer(buf, dtype="<f2", count=k * d_m, offset=h.memory_offset + 4 * k * d_m)  # (k·m,)
+        picks = TokenPicks(torch.from_numpy(ids).reshape(k, d_m), torch.from_numpy(weights.copy()).reshape(k, d_m))
+        return picks, key, prefix.compressor_version
     raw = np.frombuffer(buf, dtype=np.uint8, count=k * d_m * 2, offset=h.memory_offset)  # (2·k·d_m,)
     memory = torch.from_numpy(raw.copy()).view(_MEM_DTYPES[h.mem_code]).reshape(k, d_m)  # (k, d_m)
-    key = torch.from_numpy(prefix.key)  # (d_k,)
     return memory, key, prefix.compressor_version
 
 
@@ -212,9 +276,10 @@ def theoretical_bytes(k: int, d_m: int) -> int:
 
 def encoded_size(
     k: int, d_m: int, compressor_version: str, *, key_dtype: torch.dtype, memory_dtype: torch.dtype = torch.float16,
-    d_k: int | None = None,
+    d_k: int | None = None, picks: bool = False,
 ) -> int:
-    """Exact size of encode()'s output for a (k, d_m) memory and a (d_k,) key (default d_k = d_m) of these dtypes.
+    """Exact size of encode()'s output for a (k, d_m) memory (or, with `picks`, TokenPicks of m = d_m
+    per slot) and a (d_k,) key (default d_k = d_m) of these dtypes.
 
     `memory_dtype` is the dtype handed to encode (fp16 or bf16: 2 bytes a value); `key_dtype`
     decides the key's width exactly as encode does (fp16: 2 bytes, any other: 4).
@@ -222,17 +287,18 @@ def encoded_size(
     if memory_dtype not in _MEM_CODES:
         raise InvalidInputError(f"memory dtype must be float16 or bfloat16; got {memory_dtype}")
     d_k = d_m if d_k is None else d_k
-    header = HEADERS[1 if d_k == d_m else 2].size
+    header = HEADERS[3 if picks else 1 if d_k == d_m else 2].size
     key_width = _KEY_FORMATS[_key_code(key_dtype)][1]
-    return header + len(compressor_version.encode("utf-8")) + key_width * d_k + 2 * k * d_m
+    payload = k * d_m * (_PICK_BYTES if picks else 2)
+    return header + len(compressor_version.encode("utf-8")) + key_width * d_k + payload
 
 
-def to_storable_memory(memory: torch.Tensor) -> torch.Tensor:
-    """Cast an fp32/fp64 memory to fp16 (the storage dtype); fp16/bf16 pass unchanged.
+def to_storable_memory(memory: Memory) -> Memory:
+    """Cast an fp32/fp64 memory to fp16 (the storage dtype); fp16/bf16 and token picks pass unchanged.
 
     Values beyond fp16's range would become inf: that is the caller's error, reported clearly.
     """
-    if memory.dtype in _MEM_CODES:
+    if isinstance(memory, TokenPicks) or memory.dtype in _MEM_CODES:
         return memory
     if not memory.dtype.is_floating_point:
         raise InvalidInputError(f"memory must be a floating tensor; got {memory.dtype}")
@@ -246,6 +312,8 @@ __all__ = [
     "HEADER_SIZE",
     "CorruptMemoryError",
     "DecodedPrefix",
+    "Memory",
+    "TokenPicks",
     "decode",
     "decode_prefix",
     "encode",

@@ -147,7 +147,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
     # -- writes ------------------------------------------------------------------------------
     def put_many(
         self,
-        items: Sequence[MemoryWrite | tuple[DocumentInput, torch.Tensor, torch.Tensor]],
+        items: Sequence[MemoryWrite | tuple[DocumentInput, codec.Memory, torch.Tensor]],
         compressor_version: str,
     ) -> list[PutResult]:
         """Store documents with their memories. All inputs are validated before anything is written.
@@ -231,7 +231,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
 
     def update_memories(
         self,
-        items: Sequence[tuple[str, str, torch.Tensor, torch.Tensor]],
+        items: Sequence[tuple[str, str, codec.Memory, torch.Tensor]],
         compressor_version: str,
     ) -> list[str]:
         """Replace memories of existing docs (reindex): items are (id, expected content hash, memory, key).
@@ -302,7 +302,7 @@ class RedisMemoryStore(StreamAndAdminMixin):
             if value is None:
                 out.append(None)
                 continue
-            memory, key, cv = codec.decode(value)  # (k, d_m), (d_m,)
+            memory, key, cv = codec.decode(value)  # (k, d_m) or TokenPicks (k, m), (d_k,)
             if compressor_version is not None and cv != compressor_version:
                 if stale == "raise":
                     from service.errors import StaleMemoryError

@@ -26,10 +26,12 @@ from tqdm import tqdm
 
 from service.errors import InvalidInputError
 from service.storage.base import MemoryStore
+from service.storage.codec import Memory
 
 log = logging.getLogger(__name__)
 
-CompressFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+CompressFn = Callable[[list[str]], tuple[torch.Tensor | Sequence[Memory], torch.Tensor]]
+"""texts → their memories ((B, k, d_m), or one stored memory each: codec.Memory) and keys (B, d_k)."""
 
 
 @dataclass
@@ -79,11 +81,11 @@ def _reindex_batch(
     stats.gone += sum(1 for cv, _, _ in rows if cv is None)
     if not todo:
         return
-    memories, keys = compress([t for _, _, t in todo])  # (B, k, d_m), (B, d_k)
-    if memories.dim() != 3 or memories.shape[0] != len(todo) or keys.shape[0] != len(todo):
+    memories, keys = compress([t for _, _, t in todo])  # (B, k, d_m) or B stored memories, (B, d_k)
+    if len(memories) != len(todo) or keys.shape[0] != len(todo):
         raise InvalidInputError(
-            f"compress() returned memories {tuple(memories.shape)} and keys {tuple(keys.shape)} "
-            f"for {len(todo)} texts; expected (B, k, d_m) and (B, d_k)"
+            f"compress() returned {len(memories)} memories and keys {tuple(keys.shape)} for {len(todo)} texts; "
+            "expected one memory and one key per text"
         )
     items = [(i, h, memories[j], keys[j]) for j, (i, h, _) in enumerate(todo)]  # (k, d_m), (d_k,)
     for st in store.update_memories(items, version):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from service.models.checkpoint import checkpoint_profile, load_checkpoint, save_checkpoint
@@ -38,3 +39,51 @@ def test_rekey_changes_only_the_retrieval_key_and_keeps_the_trained_memory_path(
                                 strict=True):
             assert torch.equal(x, y), name
     assert new.compressor.lexical_key.weight.shape == (len(new.compressor.key_encoder.tokenizer),)
+
+
+def _trained_token_pool(make_modules, llm, paragraphs, **fields):
+    """A token-pool Θ whose salience was moved off its IDF start, as training does."""
+    modules = make_modules(llm, seed=5, memory_values="token_embeddings", lexical_key_weight=0.5, **fields)
+    modules.compressor.fit_lexical_idf(paragraphs)
+    with torch.no_grad():
+        salience = modules.compressor.token_pool.token_salience
+        salience.add_(torch.randn_like(salience))
+    return modules
+
+
+def test_rekey_keeps_the_token_pools_trained_salience(make_modules, bpe_tokenizer, paragraphs, tmp_path):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = _trained_token_pool(make_modules, llm, paragraphs)
+    save_checkpoint(tmp_path / "trained", modules, llm.identity)
+    out = rekey(tmp_path / "trained", tmp_path / "rekeyed", llm, paragraphs[:50], dtype=torch.float32,
+                key_encoder=DEFAULT_BACKBONE, key_dim=1024, lexical_key_weight=1.2)
+    new, _ = load_checkpoint(out, llm.identity, llm.layout)
+    assert torch.equal(new.compressor.token_pool.token_salience, modules.compressor.token_pool.token_salience)
+    texts = paragraphs[:3]
+    assert torch.equal(modules.eval().compressor.compress(texts).memory, new.compressor.compress(texts).memory)
+
+
+def test_rekey_to_stored_picks_keeps_the_memory_and_refuses_a_trained_map_of_states(
+    make_modules, bpe_tokenizer, paragraphs, tmp_path
+):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = _trained_token_pool(make_modules, llm, paragraphs)
+    with torch.no_grad():  # as sharp as the shipped checkpoint's picks (8 of them hold 0.9999 of a slot)
+        modules.compressor.token_pool.log_temperature.fill_(-1.5)
+    save_checkpoint(tmp_path / "trained", modules, llm.identity)
+    out = rekey(tmp_path / "trained", tmp_path / "picks", llm, paragraphs[:50], dtype=torch.float32, stored_picks=8)
+    new, config = load_checkpoint(out, llm.identity, llm.layout)
+    assert config["cmt"]["compressor"]["stored_picks"] == 8
+    texts = paragraphs[:4]
+    dense, picked = modules.eval().compressor.compress(texts), new.compressor.compress(texts)
+    ids, weights = picked.picks  # (4, k, 8) each
+    assert ids.shape == weights.shape == (4, 4, 8)
+    assert torch.allclose(new.compressor.memory_from_picks(ids, weights), picked.memory, atol=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(dense.memory, picked.memory, dim=-1)  # (4, k)
+    assert cosine.min() > 0.99, "8 picks hold nearly all of a slot's weight"
+
+    with torch.no_grad():
+        modules.compressor.token_pool.state_proj.weight.add_(0.01)
+    save_checkpoint(tmp_path / "states", modules, llm.identity)
+    with pytest.raises(ValueError, match="map of states"):
+        rekey(tmp_path / "states", tmp_path / "refused", llm, paragraphs[:50], dtype=torch.float32, stored_picks=8)

@@ -114,3 +114,41 @@ def test_key_of_another_width_than_the_memory_round_trips_in_format_2_and_its_pr
         codec.decode(value[:-1])
     narrow = codec.encode(memory, torch.randn(6), "cv-2")  # a key narrower than the memory (no lexical part)
     assert narrow[4] == 2 and codec.decode(narrow)[1].shape == (6,)
+
+
+def test_token_picks_round_trip_bit_exact_in_format_3() -> None:
+    picks = codec.TokenPicks(torch.randint(0, 70_000, (32, 8)), torch.rand(32, 8).half())
+    key = torch.randn(2048).half()
+    value = codec.encode(picks, key, "cv-3")
+    assert value[4] == 3
+    assert len(value) == codec.encoded_size(32, 8, "cv-3", key_dtype=torch.float16, d_k=2048, picks=True)
+    assert len(value) == 20 + 4 + 2 * 2048 + 32 * 8 * 6  # 1,536 B of picks instead of 36,864 B of memory
+    back, k2, cv = codec.decode(value)
+    assert isinstance(back, codec.TokenPicks) and cv == "cv-3"
+    assert torch.equal(back.ids, picks.ids) and torch.equal(back.weights, picks.weights)
+    assert torch.equal(k2, key.float())
+    assert codec.decode_prefix(value[: codec.prefix_length(value[: codec.HEADER_SIZE])]).k == 32
+    with pytest.raises(codec.CorruptMemoryError, match="bytes"):
+        codec.decode(value[:-2])
+
+
+def test_token_picks_that_cannot_be_stored_are_refused() -> None:
+    key = torch.randn(16)
+    ids, weights = torch.randint(0, 100, (4, 8)), torch.rand(4, 8).half()
+    for bad, match in [
+        (codec.TokenPicks(ids.float(), weights), "integer ids"),
+        (codec.TokenPicks(ids, weights.float()), "fp16 weights"),
+        (codec.TokenPicks(ids[:, :4], weights), "one shape"),
+        (codec.TokenPicks(ids - 200, weights), r"\[0, 2\*\*32\)"),
+        (codec.TokenPicks(ids, torch.full((4, 8), float("nan")).half()), "NaN"),
+    ]:
+        with pytest.raises(InvalidInputError, match=match):
+            codec.encode(bad, key, "v1")
+
+
+def test_a_dense_memory_code_in_format_3_is_corrupt() -> None:
+    value = bytearray(codec.encode(codec.TokenPicks(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2).half()),
+                                   torch.randn(4), "v1"))
+    value[5] = 1  # fp16 memory code under the token-picks format
+    with pytest.raises(codec.CorruptMemoryError, match="format 3"):
+        codec.decode(bytes(value))
