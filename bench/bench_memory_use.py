@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     exs = examples(load_split(args.data, args.split))[: args.questions]
     n = len(exs)
     q = modules.compressor.compress([e.question for e in exs])
-    gold = modules.compressor.compress([e.document for e in exs]).memory  # (n, k, d_m)
+    docs = modules.compressor.compress([e.document for e in exs])
+    gold = docs.memory  # (n, k, d_m)
+    slots = None  # AggregatorConfig.select_slots: each question reads the slots it chooses of the gold document
+    if docs.picks is not None:
+        slots = modules.choose_slots([e.question for e in exs], docs.picks[0][:, None], docs.picks[1][:, None])
     memories = {"gold document": gold, "another document": gold.roll(7, dims=0), "zeros": torch.zeros_like(gold)}
     prompts = CMTPipeline(modules, llm, profile).prompts([e.question for e in exs])
     answer_rows = answer_targets(llm, [e.question for e in exs], [e.answers[0] for e in exs], profile)
@@ -99,16 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     window_rows = reconstruction_rows(llm, [e.document for e in exs], starts, cue=8, length=48)
     answers, rows = {}, []
     for name, memory in memories.items():
-        prefix, has = modules.prefix(q.memory, memory[:, None], torch.ones(n, 1, dtype=torch.bool), llm)
+        prefix, has = modules.prefix(q.memory, memory[:, None], torch.ones(n, 1, dtype=torch.bool), llm, slots)
         answers[name] = [g.text for g in llm.generate(prompts, prefix, has, generation_config(0.0, 16, profile))]
         rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs]),
                      "answer_loss": loss_per_token(llm, *answer_rows, prefix, has),
                      "window_loss": loss_per_token(llm, *window_rows, prefix, has)})
+    read = gold if slots is None else gold.gather(1, slots[:, 0, :, None].expand(-1, -1, gold.shape[-1]))  # (n, p, d_m)
     same = {f"same answers: gold vs {k}":
             100.0 * sum(a == b for a, b in zip(answers["gold document"], v, strict=True)) / n
             for k, v in answers.items() if k != "gold document"}
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n, "rows": rows,
-              **same, "spread_across_documents": spread(modules, llm, q.memory, gold)}
+              **same, "spread_across_documents": spread(modules, llm, q.memory, read)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"memory-use-{args.checkpoint.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

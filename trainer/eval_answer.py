@@ -169,13 +169,18 @@ def answer_prompts(
 def compress_bank(modules: CMTModules, docs: Sequence[dict[str, Any]], batch_size: int = 64) -> Bank:
     """Θ over every document, in stream order; timestamps from the dates (else the stream position)."""
     modules.eval()
-    mem, keys = [], []
+    mem, keys, ids, weights = [], [], [], []
     for i in range(0, len(docs), batch_size):
         c = modules.compressor.compress([d["text"] for d in docs[i : i + batch_size]])
         mem.append(c.memory.float().cpu())
         keys.append(c.key.float().cpu())
+        if c.picks is not None:  # what the service stores: ids and fp16 weights
+            ids.append(c.picks[0].cpu())
+            weights.append(c.picks[1].to("cpu", torch.float16))
     times = [timestamp(d.get("date")) or float(i) for i, d in enumerate(docs)]
-    return Bank(torch.cat(mem), torch.cat(keys), torch.tensor(times, dtype=torch.float64), [d["doc_id"] for d in docs])
+    picks = (torch.cat(ids), torch.cat(weights)) if ids else None
+    return Bank(torch.cat(mem), torch.cat(keys), torch.tensor(times, dtype=torch.float64), [d["doc_id"] for d in docs],
+                picks)
 
 
 def whole_bank_k(modules: CMTModules, bank: Bank) -> int:
@@ -195,7 +200,7 @@ def answer_cmt(
     profile = get_profile(profile)
     pipeline = CMTPipeline(modules, llm, profile)
     k = top_k or whole_bank_k(modules, bank)
-    bank = Bank(bank.memories.to(modules.device), bank.keys.to(modules.device), bank.timestamps, bank.ids)
+    bank = Bank(bank.memories.to(modules.device), bank.keys.to(modules.device), bank.timestamps, bank.ids, bank.picks)
     generation = generation_config(alpha, max_new_tokens, profile)
     preds, sources = [], []
     for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress or not questions, leave=False):

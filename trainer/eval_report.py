@@ -88,7 +88,7 @@ def _cost(report: dict[str, Any]) -> list[str]:
     c = report.get("cost")
     if c is None:
         return []
-    line = (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16, memory + key) "
+    line = (f"Cost: CMT memory {c['cmt_memory_bytes_per_doc_fp16']:.0f} B/doc (fp16 memory or its token picks, + key) "
             f"vs raw text {c['raw_text_bytes_per_doc']:.0f} B "
             f"vs a full KV cache of the document {c['full_kv_cache_bytes_per_doc_fp16'] / 1024:.1f} KiB "
             f"({c['llm_tokens_per_doc']:.1f} LLM tokens/doc).")

@@ -89,8 +89,10 @@ class EvalContext:
 
     @property
     def cmt_bytes(self) -> int:
+        """Payload stored per document: the fp16 memory, or its token picks (6 B each), and the fp16 key."""
         c = self.modules.config.compressor
-        return c.num_memory_tokens * c.memory_dim * 2 + self.key_bytes  # fp16 memory + key
+        memory = c.num_memory_tokens * (c.stored_picks * 6 if c.stored_picks else c.memory_dim * 2)
+        return memory + self.key_bytes
 
     @property
     def key_bytes(self) -> int:

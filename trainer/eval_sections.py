@@ -23,7 +23,8 @@ def _cmt_scores(ctx: EvalContext, bank: Bank, exs: Sequence[Any], desc: str) -> 
 
 def _sub_bank(bank: Bank, rows: Sequence[int]) -> Bank:
     rows = list(rows)
-    return Bank(bank.memories[rows], bank.keys[rows], bank.timestamps[rows], [bank.ids[i] for i in rows])
+    picks = None if bank.picks is None else (bank.picks[0][rows], bank.picks[1][rows])
+    return Bank(bank.memories[rows], bank.keys[rows], bank.timestamps[rows], [bank.ids[i] for i in rows], picks)
 
 
 def cost_section(ctx: EvalContext) -> dict[str, Any]:

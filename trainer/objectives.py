@@ -177,13 +177,18 @@ def reconstruction_rows(
 
 def reconstruction_loss(
     modules: CMTModules, llm: HFCausalLM, question: torch.Tensor, memory: torch.Tensor, batch: QABatch,
-    config: ObjectiveConfig,
+    config: ObjectiveConfig, picks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy of each gold document's window after its own memory's prefix; question (B, k, d_m)
-    and memory (B, k, d_m) of the gold documents. Returns the loss and the LLM positions fed."""
+    and memory (B, k, d_m) of the gold documents, and their token picks (B, k, m) when stored (with
+    select_slots no question is asked: the p most salient slots are read). Returns the loss and the LLM
+    positions fed."""
     B = memory.shape[0]
+    slots = None
+    if picks is not None and modules.config.aggregator.select_slots:
+        slots = modules.choose_slots([""] * B, picks[0][:, None], picks[1][:, None])  # (B, 1, p)
     prefix, has_memory = modules.prefix(
-        question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm
+        question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm, slots
     )
     ids, mask, labels = reconstruction_rows(
         llm, batch.documents, batch.window_starts, config.reconstruct_cue_tokens, config.reconstruct_tokens
@@ -238,7 +243,11 @@ def qa_objective(
         selection = _force_gold(selection, gold)
     selection = order_newest_first(selection, timestamps)
     memories = docs.memory[selection.indices]  # (B, K, k, d_m)
-    prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask, llm)
+    slots = None  # as served: the slots each question chooses of its documents (AggregatorConfig.select_slots)
+    if docs.picks is not None and modules.config.aggregator.select_slots:
+        rows = selection.indices.clamp(min=0)  # (B, K)
+        slots = modules.choose_slots(batch.questions, docs.picks[0][rows], docs.picks[1][rows])  # (B, K, p)
+    prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask, llm, slots)
 
     ids, mask, labels = answer_targets(llm, batch.questions, batch.answers, profile)
     logits = llm.forward_logits(ids, mask, prefix, has_memory)  # (B, n, V)
@@ -262,7 +271,9 @@ def qa_objective(
         total = total + config.distill_weight * distill
     reconstruct = None
     if config.reconstruct_weight > 0:
-        reconstruct, rec_tokens = reconstruction_loss(modules, llm, questions.memory, docs.memory[:B], batch, config)
+        gold_picks = None if docs.picks is None else (docs.picks[0][:B], docs.picks[1][:B])
+        reconstruct, rec_tokens = reconstruction_loss(modules, llm, questions.memory, docs.memory[:B], batch, config,
+                                                      gold_picks)
         total = total + config.reconstruct_weight * reconstruct
     passes = 2 if config.alpha > 0 else 1  # the memory-aware objective adds a pass without memory
     tokens = passes * ids.numel() + (B * prefix.length if prefix is not None else 0)

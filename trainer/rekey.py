@@ -40,13 +40,19 @@ def idf_texts(source: str) -> list[str]:
 
 
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
-          **fields: object) -> Path:
+          select_slots: int | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
-    lexical_key_weight, stored_picks...) changed, the lexical key's IDF fitted on `texts`, every other
-    weight unchanged (the token pool's trained salience included)."""
+    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...) and ψ's select_slots changed,
+    the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained
+    salience included)."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
     cmt = modules.config
-    new_config = CMTConfig(dataclasses.replace(cmt.compressor, **fields), cmt.aggregator, cmt.aligner)
+    aggregator = cmt.aggregator if select_slots is None else dataclasses.replace(cmt.aggregator,
+                                                                                 select_slots=select_slots)
+    new_config = CMTConfig(dataclasses.replace(cmt.compressor, **fields), aggregator, cmt.aligner)
+    if new_config.slots_read != cmt.slots_read:
+        raise ValueError(f"ψ and π were trained to read {cmt.slots_read} slots per document, the new settings make "
+                         f"them read {new_config.slots_read}: set select_slots={cmt.slots_read} to store more slots")
     pool = modules.compressor.token_pool
     if new_config.compressor.stored_picks and pool is not None and pool.state_proj is not None:
         if any(bool(t.any()) for t in pool.state_proj.parameters()):  # picks can hold token mixes only
@@ -54,6 +60,8 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
                              "token_pool.state_proj was trained away from zero: train it with stored_picks instead")
     rekeyed = CMTModules.build(new_config, llm.layout)
     key_parts = ("key_proj.", "lexical_key.")
+    if modules.compressor.token_pool is not None:  # a token pool has no per-slot weights: any number of slots
+        key_parts += ("soft_tokens",)  # (k, d_m), unused by the pool
     kept = {n: t for n, t in modules.compressor.trainable_state_dict().items() if not n.startswith(key_parts)}
     missing, _ = rekeyed.compressor.load_state_dict(kept, strict=False)
     untrained = [n for n in missing if n in rekeyed.compressor.trainable_state_dict() and not n.startswith(key_parts)]
@@ -81,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lexical-key-weight", type=float,
                         help="CompressorConfig.lexical_key_weight (default: the source's)")
     parser.add_argument("--stored-picks", type=int, help="CompressorConfig.stored_picks (default: the source's)")
+    parser.add_argument("--num-memory-tokens", type=int,
+                        help="CompressorConfig.num_memory_tokens, stored slots of a token pool (default: the source's)")
+    parser.add_argument("--select-slots", type=int, help="AggregatorConfig.select_slots (default: the source's)")
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
     args = parser.parse_args(argv)
     given = {"key_encoder": args.key_encoder, "key_dim": args.key_dim, "lexical_key_weight": args.lexical_key_weight,
-             "stored_picks": args.stored_picks}
+             "stored_picks": args.stored_picks, "num_memory_tokens": args.num_memory_tokens}
     fields = {name: value for name, value in given.items() if value is not None}
-    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data), **fields)
+    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data),
+                select_slots=args.select_slots, **fields)
     print(f"{out}: written with {fields or 'the same compressor fields'}")
     return 0
 

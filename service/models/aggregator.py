@@ -135,7 +135,8 @@ class Aggregator(nn.Module):
         then gives the LLM no prefix for them.
         """
         B, K, k, d_m = memories.shape
-        if question.shape != (B, k, d_m) or doc_mask.shape != (B, K):
+        asks = self.config.queries == "question"  # else the question is not read (its width may differ)
+        if (asks and question.shape != (B, k, d_m)) or doc_mask.shape != (B, K):
             raise InvalidInputError(
                 f"shape mismatch: question {tuple(question.shape)}, memories {tuple(memories.shape)}, "
                 f"doc_mask {tuple(doc_mask.shape)}"

@@ -23,6 +23,7 @@ from service.models.config import CMTConfig
 from service.models.llm import Generation, GenerationConfig, LLMBackend
 from service.models.prefix import KVLayout, KVPrefix
 from service.models.prompts import PromptProfile, get_profile
+from service.models.slot_select import question_tokens, select_slots, slot_scores
 
 
 class CMTModules(nn.Module):
@@ -33,8 +34,8 @@ class CMTModules(nn.Module):
         c = config.compressor
         self.config = config
         self.compressor = compressor
-        self.aggregator = Aggregator(config.aggregator, c.memory_dim, c.num_memory_tokens)
-        self.aligner = Aligner(config.aligner, layout, c.memory_dim, c.num_memory_tokens)
+        self.aggregator = Aggregator(config.aggregator, c.memory_dim, config.slots_read)
+        self.aligner = Aligner(config.aligner, layout, c.memory_dim, config.slots_read)
 
     @classmethod
     def build(cls, config: CMTConfig, layout: KVLayout) -> CMTModules:
@@ -45,11 +46,27 @@ class CMTModules(nn.Module):
     def device(self) -> torch.device:
         return self.compressor.device
 
+    def choose_slots(
+        self, questions: Sequence[str], ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """AggregatorConfig.select_slots: the p slots (B, K, p) of each selected document's stored picks
+        (ids, weights (B, K, k, m)) the questions read; None when ψ reads every slot."""
+        a = self.config.aggregator
+        if not a.select_slots:
+            return None
+        salience = self.compressor.token_pool.token_salience.detach()  # (V,)
+        token_ids = self.compressor.tokenizer(list(questions), add_special_tokens=False, verbose=False)["input_ids"]
+        asked = question_tokens(token_ids, salience, a.select_min_salience)  # (B, V)
+        scores = slot_scores(asked, ids.to(salience.device), weights.to(salience.device), salience, a.select_width,
+                             a.select_own_weight)  # (B, K, k)
+        return select_slots(scores, a.select_slots)  # (B, K, p)
+
     def prefix(
-        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: LLMBackend | None = None
+        self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: LLMBackend | None = None,
+        slots: torch.Tensor | None = None,
     ) -> tuple[KVPrefix | None, torch.Tensor]:
-        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K); the frozen LLM is
-        read by an "embeddings" aligner only.
+        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K), slots (B, K, p) the slots
+        read (`choose_slots`) or None for all; the frozen LLM is read by an "embeddings" aligner only.
 
         Returns the prefix (None when no row has any memory) and has_memory (B,): rows without
         memory get their prefix masked out, so the frozen LLM answers them alone.
@@ -57,7 +74,10 @@ class CMTModules(nn.Module):
         has_memory = doc_mask.any(dim=1)  # (B,)
         if not bool(has_memory.any()):
             return None, has_memory
-        m_star = self.aggregator(question, memories, doc_mask)  # (B, k, d_m)
+        if slots is not None:
+            index = slots.to(memories.device)[..., None].expand(-1, -1, -1, memories.shape[-1])  # (B, K, p, d_m)
+            memories = memories.gather(2, index)  # (B, K, p, d_m)
+        m_star = self.aggregator(question, memories, doc_mask)  # (B, p, d_m)
         return self.aligner(m_star, llm), has_memory
 
 
@@ -69,6 +89,8 @@ class Bank:
     keys: torch.Tensor  # (N, d_k)
     timestamps: torch.Tensor  # (N,) seconds; newer is larger
     ids: list[str] = field(default_factory=list)
+    picks: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The memories' token picks, ids (N, k, m) and weights (N, k, m), when Θ stores picks."""
 
     def __post_init__(self) -> None:
         N = self.memories.shape[0]
@@ -88,6 +110,13 @@ class Bank:
         rows = selection.indices.clamp(min=0).to(self.memories.device)  # (B, K)
         memories = self.memories[rows]  # (B, K, k, d_m)
         return memories * mask[..., None, None].to(memories), mask
+
+    def gather_picks(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected memories' token picks: ids (B, K, k, m) and weights (B, K, k, m)."""
+        if self.picks is None:
+            raise InvalidInputError("this bank holds no token picks (CompressorConfig.stored_picks is 0)")
+        rows = selection.indices.clamp(min=0).cpu()  # (B, K)
+        return self.picks[0][rows], self.picks[1][rows]
 
 
 @dataclass
@@ -114,7 +143,10 @@ class CMTPipeline:
     def compress(self, texts: Sequence[str], batch_size: int = 32) -> Compressed:
         """Θ over texts in batches; memory (B, k, d_m), key (B, d_m)."""
         parts = [self.modules.compressor.compress(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-        return Compressed(torch.cat([p.memory for p in parts]), torch.cat([p.key for p in parts]))
+        picks = None
+        if parts[0].picks is not None:
+            picks = (torch.cat([p.picks[0] for p in parts]), torch.cat([p.picks[1] for p in parts]))
+        return Compressed(torch.cat([p.memory for p in parts]), torch.cat([p.key for p in parts]), picks)
 
     def prompts(self, questions: Sequence[str]) -> list[str]:
         return [self.profile.question_text(self.llm.tokenizer, q) for q in questions]
@@ -133,8 +165,11 @@ class CMTPipeline:
         selection = select_top_k_recent(q.key, bank.keys.to(q.key.device), bank.timestamps, top_k, margin)
         selection = order_newest_first(selection, bank.timestamps)
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
+        slots = None
+        if self.modules.config.aggregator.select_slots:
+            slots = self.modules.choose_slots(questions, *bank.gather_picks(selection))  # (B, K, p)
         prefix, has_memory = self.modules.prefix(
-            q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm
+            q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm, slots
         )
         gens = self.llm.generate(
             self.prompts(questions), prefix, has_memory if prefix is not None else None, generation

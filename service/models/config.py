@@ -163,9 +163,26 @@ class AggregatorConfig:
     """Selection prefers newer reports: each pick is the newest document among those whose key score is
     within this margin of the best one left (a later report on the same fact scores about as high as
     the one it supersedes; service.models.aggregator.select_recent). 0 = by score alone."""
+    select_slots: int = 0
+    """p > 0: ψ reads only the p slots of each selected document nearest the question's salient tokens, in
+    text order (service.models.slot_select), out of the compressor's num_memory_tokens stored slots, so a
+    document can keep more slots than a question pays prefix positions for. Needs stored token picks
+    (CompressorConfig.stored_picks) and queries="memories". 0 = every stored slot."""
+    select_width: float = 16.0
+    """select_slots: how far, in slots, a question token's pull reaches (it decays as 1 / (1 + d / width))."""
+    select_own_weight: float = 0.3
+    """select_slots: weight of a slot's own salience next to its nearness to the question's tokens."""
+    select_min_salience: float = 2.0
+    """select_slots: question tokens below this salience (Θ's token pool, IDF-like) are not looked for."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
+        if not isinstance(self.select_slots, int) or self.select_slots < 0:
+            raise InvalidInputError(f"AggregatorConfig.select_slots must be an integer >= 0, got {self.select_slots!r}")
+        if self.select_slots and self.queries != "memories":
+            raise InvalidInputError('AggregatorConfig.select_slots needs queries="memories" (ψ reads the chosen slots)')
+        if not (self.select_width > 0 and self.select_own_weight >= 0 and math.isfinite(self.select_min_salience)):
+            raise InvalidInputError("AggregatorConfig.select_width must be > 0 and select_own_weight >= 0")
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
         if self.queries not in ("question", "memories"):
@@ -235,6 +252,18 @@ class CMTConfig:
 
     def __post_init__(self) -> None:
         _check_heads(self.aggregator, self.compressor.memory_dim, self.aggregator.num_heads)
+        p, k = self.aggregator.select_slots, self.compressor.num_memory_tokens
+        if p and not self.compressor.stored_picks:
+            raise InvalidInputError("AggregatorConfig.select_slots needs CompressorConfig.stored_picks > 0: the "
+                                    "question chooses slots by the tokens their picks hold")
+        if p > k:
+            raise InvalidInputError(f"AggregatorConfig.select_slots={p} exceeds the {k} stored slots "
+                                    "(CompressorConfig.num_memory_tokens)")
+
+    @property
+    def slots_read(self) -> int:
+        """Memory slots ψ and π read per document: select_slots, else every stored one."""
+        return self.aggregator.select_slots or self.compressor.num_memory_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

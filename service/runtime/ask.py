@@ -116,8 +116,11 @@ class AskService:
             found.append(hits)
         return found
 
-    def _fetch(self, hits: list[list[SearchHit]]) -> tuple[torch.Tensor, torch.Tensor, list[list[SearchHit]]]:
-        """Memories (B, K, k, d_m) newest first and doc_mask (B, K), in one Redis round trip.
+    def _fetch(
+        self, hits: list[list[SearchHit]], questions: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[SearchHit]]]:
+        """Memories (B, K, p, d_m) newest first and doc_mask (B, K), in one Redis round trip: every stored
+        slot (p = k), or the p each question chooses (AggregatorConfig.select_slots).
 
         A document deleted between search and fetch is a miss and simply left out.
         """
@@ -137,6 +140,9 @@ class AskService:
             for j, hit in enumerate(row):
                 memories[b, j] = dense[hit.id]
                 mask[b, j] = True
+        slots = self.engine.choose_slots(questions, [[stored[h.id].memory for h in row] for row in kept], K)
+        if slots is not None:
+            memories = memories.gather(2, slots[..., None].expand(-1, -1, -1, d_m))  # (B, K, p, d_m)
         return memories, mask, kept
 
     def _prefix_batch(
@@ -157,7 +163,7 @@ class AskService:
         lap("encode")
         hits = self._retrieve(q.key, items)
         lap("retrieve")
-        memories, mask, hits = self._fetch(hits)
+        memories, mask, hits = self._fetch(hits, [it.question for it in items])
         lap("fetch")
         prefix, has_memory = None, mask.any(dim=1)
         if bool(has_memory.any()):
@@ -189,7 +195,7 @@ class AskService:
     def stream_one(self, item: AskItem) -> tuple[list[SearchHit], Iterator[str]]:
         """Sources, then the answer's text pieces as they are generated (server-sent events)."""
         q = self.engine.encode_questions([item.question])
-        memories, mask, hits = self._fetch(self._retrieve(q.key, [item]))
+        memories, mask, hits = self._fetch(self._retrieve(q.key, [item]), [item.question])
         prefix = None
         if bool(mask.any()):
             prefix = self.engine.align(self.engine.aggregate(q.memory, memories, mask))

@@ -136,6 +136,22 @@ class Engine:
             out[picked] = self.modules.compressor.memory_from_picks(ids, weights).to("cpu", STORED_DTYPE)
         return out
 
+    def choose_slots(self, questions: Sequence[str], stored: Sequence[Sequence[codec.Memory]], K: int
+                     ) -> torch.Tensor | None:
+        """AggregatorConfig.select_slots: the slots (B, K, p) each question reads of its documents' stored token
+        picks (a row of up to K per question; missing ones are padding), on the CPU; None = every slot."""
+        c = self.modules.config
+        if not c.aggregator.select_slots:
+            return None
+        k, m = self.num_memory_tokens, c.compressor.stored_picks
+        ids = torch.zeros(len(stored), K, k, m, dtype=torch.long)  # (B, K, k, m)
+        weights = torch.zeros(len(stored), K, k, m, dtype=STORED_DTYPE)  # (B, K, k, m)
+        for b, row in enumerate(stored):
+            for j, picks in enumerate(row):
+                ids[b, j], weights[b, j] = picks.ids, picks.weights
+        with torch.inference_mode():
+            return self.modules.choose_slots(questions, ids, weights).cpu()
+
     def memory_value_bytes(self, compressor_version: str | None = None) -> int:
         """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""
         cv = self.compressor_version if compressor_version is None else compressor_version
@@ -169,5 +185,5 @@ class Engine:
         """One tiny compress and answer, so the first user request does not pay for lazy init."""
         q = self.encode_questions(["warm-up"])
         self.generate(["warm-up"], None, None, GenerationConfig(max_new_tokens=1))
-        mem = q.memory[:, None]  # (1, 1, k, d_m)
+        mem = q.memory[:, None, : self.modules.config.slots_read]  # (1, 1, p, d_m)
         self.align(self.aggregate(q.memory, mem, torch.ones(1, 1, dtype=torch.bool)))

@@ -55,8 +55,14 @@ def test_default_service_answers_real_paragraphs_as_the_offline_pipeline_does():
     modules, config = load_checkpoint(SHIPPED_CHECKPOINT, llm.identity, llm.layout)
     pipeline = CMTPipeline(modules, llm, checkpoint_profile(config))
     mem = pipeline.compress([d["text"] for d in docs])
-    # the service stores memories and keys in fp16 and ranks by stored keys: do the same offline
-    bank = Bank(mem.memory.half().float(), mem.key.half().float(), torch.zeros(len(docs)), [d["doc_id"] for d in docs])
+    # the service stores memories (or their token picks' fp16 weights) and keys in fp16 and ranks by stored keys:
+    # do the same offline
+    memory, picks = mem.memory, None
+    if mem.picks is not None:
+        picks = (mem.picks[0], mem.picks[1].half())
+        memory = modules.compressor.memory_from_picks(*picks)
+    bank = Bank(memory.half().float(), mem.key.half().float(), torch.zeros(len(docs)), [d["doc_id"] for d in docs],
+                picks)
     profile = checkpoint_profile(config)
     offline = pipeline.answer(
         [question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings)

@@ -87,3 +87,14 @@ def test_rekey_to_stored_picks_keeps_the_memory_and_refuses_a_trained_map_of_sta
     save_checkpoint(tmp_path / "states", modules, llm.identity)
     with pytest.raises(ValueError, match="map of states"):
         rekey(tmp_path / "states", tmp_path / "refused", llm, paragraphs[:50], dtype=torch.float32, stored_picks=8)
+
+
+def test_rekey_refuses_more_stored_slots_that_psi_and_pi_would_all_read(make_modules, bpe_tokenizer, paragraphs,
+                                                                        tmp_path):
+    # ψ and π were trained on 4 slots; 8 stored slots need select_slots=4 (the question reads 4 of them).
+    llm = tiny_llama(bpe_tokenizer)
+    modules = _trained_token_pool(make_modules, llm, paragraphs)
+    save_checkpoint(tmp_path / "trained", modules, llm.identity)
+    with pytest.raises(ValueError, match="select_slots=4"):
+        rekey(tmp_path / "trained", tmp_path / "wide", llm, paragraphs[:50], dtype=torch.float32,
+              stored_picks=2, num_memory_tokens=8)

@@ -1,0 +1,58 @@
+"""ψ's optional first step (AggregatorConfig.select_slots): the question chooses which p slots of each
+selected document's memory the frozen LLM reads.
+
+Letters: B questions, K selected docs, k stored slots, m token picks per slot, p slots read, V vocabulary.
+
+Why: a memory stored as token picks (CompressorConfig.stored_picks) costs 6 bytes a pick, so a document
+can keep many more slots than the LLM should read (every slot is a prefix position of every question),
+and the picks say which tokens each slot holds, so the question can choose among them. SmolLM2 answering
+SQuAD valid from 32 words of the paragraph: its 32 rarest words F1 18.9, the 32 words nearest the
+question's rare words F1 30.2 (the whole paragraph 29.5; /tmp experiments of 2026-12-05 with
+bench/bench_extractive_oracle.py's setting). The same through the memory path, gold document forced,
+160 questions: 32 stretch slots F1 9.2, the best 32 of 160 slots chosen this way 16.1.
+
+A slot's score: the salience of the question's tokens it holds or its neighbours hold, decaying as
+1 / (1 + distance / width) in slots, plus `own_weight` × its own salience (a rare token near nothing
+asked is still worth more than a common one). Question tokens count only above `min_salience` (not
+"the", "what"). Slots next to each other on the same token (a text shorter than k repeats its tokens)
+count once. The best p are read in text order. No weights are learned: the salience is Θ's token pool's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def question_tokens(token_ids: Sequence[Sequence[int]], salience: torch.Tensor, min_salience: float) -> torch.Tensor:
+    """Each question's token ids → (B, V) bool: the tokens of the question salient enough to look for."""
+    asked = torch.zeros(len(token_ids), len(salience), dtype=torch.bool, device=salience.device)  # (B, V)
+    for b, ids in enumerate(token_ids):
+        if ids:
+            asked[b, torch.as_tensor(list(ids), dtype=torch.long, device=salience.device)] = True
+    return asked & (salience > min_salience)[None, :]  # (B, V)
+
+
+def slot_scores(
+    asked: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, salience: torch.Tensor, width: float,
+    own_weight: float,
+) -> torch.Tensor:
+    """asked (B, V), ids (B, K, k, m), weights (B, K, k, m), salience (V,) → scores (B, K, k)."""
+    B, K, k, m = ids.shape
+    held = weights.float() * salience[ids]  # (B, K, k, m) salience each pick carries
+    hit = asked.gather(1, ids.reshape(B, -1)).view(B, K, k, m)  # (B, K, k, m) pick is a question token
+    match = (held * hit).sum(-1)  # (B, K, k)
+    pos = torch.arange(k, device=ids.device, dtype=torch.float32)  # (k,)
+    decay = 1.0 / (1.0 + (pos[:, None] - pos[None, :]).abs() / width)  # (k, k)
+    near = (match[..., None, :] * decay).amax(-1)  # (B, K, k) best match seen from each slot
+    scores = near + own_weight * held.sum(-1)  # (B, K, k)
+    top = ids[..., 0]  # (B, K, k) each slot's heaviest pick (picks are stored heaviest first)
+    repeat = torch.zeros_like(top, dtype=torch.bool)
+    repeat[..., 1:] = top[..., 1:] == top[..., :-1]  # (B, K, k) same token as the slot before
+    return scores.masked_fill(repeat, float("-inf"))
+
+
+def select_slots(scores: torch.Tensor, p: int) -> torch.Tensor:
+    """scores (B, K, k) → the p best slots of each document, in text order (B, K, p)."""
+    return scores.topk(p, dim=-1).indices.sort(dim=-1).values

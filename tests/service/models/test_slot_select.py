@@ -1,0 +1,59 @@
+"""ψ's slot selection (AggregatorConfig.select_slots): the question chooses which stored slots the LLM reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.errors import InvalidInputError
+from service.models.config import AggregatorConfig, CMTConfig, CompressorConfig
+from service.models.slot_select import question_tokens, select_slots, slot_scores
+
+V = 50
+SALIENCE = torch.linspace(0.0, 9.8, V)  # token t has salience 0.2·t: low ids are "the", "what"
+
+
+def _one_doc(tokens: list[int], m: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A document whose slot j holds token tokens[j] (weight 1) and a filler of weight 0: (1, 1, k, m)."""
+    ids = torch.zeros(1, 1, len(tokens), m, dtype=torch.long)
+    ids[0, 0, :, 0] = torch.tensor(tokens)
+    weights = torch.zeros(1, 1, len(tokens), m, dtype=torch.float16)
+    weights[0, 0, :, 0] = 1.0
+    return ids, weights
+
+
+def test_the_slots_around_a_salient_question_token_are_read_in_text_order():
+    doc = [20, 21, 22, 23, 24, 45, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34]  # 45 at slot 5 is asked
+    ids, weights = _one_doc(doc)
+    asked = question_tokens([[1, 45]], SALIENCE, min_salience=2.0)  # token 1 is too common to look for
+    assert asked[0].nonzero().flatten().tolist() == [45]
+    slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=2.0, own_weight=0.0), 5)  # (1, 1, 5)
+    assert slots[0, 0].tolist() == [3, 4, 5, 6, 7]
+
+
+def test_without_a_match_the_most_salient_slots_are_read():
+    ids, weights = _one_doc([5, 40, 6, 41, 7, 42])
+    asked = question_tokens([[]], SALIENCE, min_salience=2.0)
+    slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=4.0, own_weight=0.3), 3)
+    assert slots[0, 0].tolist() == [1, 3, 5]
+
+
+def test_a_run_of_slots_on_the_same_token_counts_once():
+    ids, weights = _one_doc([44, 44, 44, 10, 11, 12])  # a short text repeats its salient token across slots
+    asked = question_tokens([[44]], SALIENCE, min_salience=2.0)
+    slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=1.0, own_weight=0.3), 3)
+    assert slots[0, 0].tolist() == [0, 3, 4]
+
+
+def test_slot_selection_settings_are_checked():
+    pooled = CompressorConfig(memory_values="token_embeddings", num_memory_tokens=8, stored_picks=4)
+    with pytest.raises(InvalidInputError, match='queries="memories"'):
+        AggregatorConfig(select_slots=4)
+    with pytest.raises(InvalidInputError, match="stored_picks"):
+        CMTConfig(CompressorConfig(num_memory_tokens=8), AggregatorConfig(select_slots=4, queries="memories"))
+    with pytest.raises(InvalidInputError, match="exceeds the 8 stored slots"):
+        CMTConfig(pooled, AggregatorConfig(select_slots=9, queries="memories"))
+    with pytest.raises(InvalidInputError, match="stored_picks needs"):
+        CompressorConfig(stored_picks=4)
+    assert CMTConfig(pooled, AggregatorConfig(select_slots=4, queries="memories")).slots_read == 4
+    assert CMTConfig(pooled).slots_read == 8
