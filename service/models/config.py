@@ -96,7 +96,8 @@ class CompressorConfig:
     embeddings when it reads it. 0 = the dense memory (2·d_m bytes a slot). The shipped checkpoint's
     picks hold 0.99992 of each slot's weight in their 8 heaviest tokens (min 0.989): m=8 stores 1,536 B
     instead of 36,864 B per document. The pool's map of contextual states is then left out: ids and
-    weights cannot carry it."""
+    weights cannot carry it. m=1 stores one token per slot (its weight is 1): the LLM reads its own token
+    embeddings, but no gradient reaches the pool's salience; train with m > 1."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")

@@ -100,3 +100,27 @@ def test_reconstruction_loss_trains_theta_psi_pi_from_the_document_alone(make_mo
         assert param.grad is not None and param.grad.abs().sum() > 0
     with pytest.raises(Exception, match="reconstruct_tokens"):
         ObjectiveConfig(reconstruct_tokens=0)
+
+
+def test_training_reads_the_slots_each_question_chooses_as_serving_does(minilm, bpe_tokenizer, paragraphs):
+    from service.models.cmt import CMTModules
+    from service.models.config import AggregatorConfig, AlignerConfig, CMTConfig, CompressorConfig
+    from tests.conftest import minilm_compressor
+
+    llm = tiny_llama(bpe_tokenizer)
+    torch.manual_seed(0)
+    config = CMTConfig(
+        compressor=CompressorConfig(num_memory_tokens=12, num_layers=1, num_heads=4, memory_values="token_embeddings",
+                                    stored_picks=2, lexical_key_weight=0.5),
+        aggregator=AggregatorConfig(top_k=2, max_docs=8, num_layers=1, num_heads=4, queries="memories",
+                                    select_slots=4),
+        aligner=AlignerConfig(prefix_len=4, hidden_dim=64),
+    )
+    modules = CMTModules(config, minilm_compressor(config.compressor, minilm), llm.layout)
+    modules.compressor.fit_lexical_idf(paragraphs)
+    batch = _batch(paragraphs)
+    batch.window_starts = [0.0, 0.5, 1.0]
+    terms = qa_objective(modules, llm, batch, ObjectiveConfig(top_k=2, reconstruct_weight=1.0))
+    assert torch.isfinite(terms.total) and terms.reconstruct is not None
+    terms.total.backward()  # the chosen slots' pick weights carry the gradient to the pool's salience
+    assert modules.compressor.token_pool.token_salience.grad.abs().sum() > 0
