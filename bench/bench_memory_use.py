@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"memory": name, **aggregate(answers[name], [e.answers for e in exs]),
                      "answer_loss": loss_per_token(llm, *answer_rows, prefix, has),
                      "window_loss": loss_per_token(llm, *window_rows, prefix, has)})
-    read = gold if slots is None else gold.gather(1, slots[:, 0, :, None].expand(-1, -1, gold.shape[-1]))  # (n, p, d_m)
+    read = gold if slots is None else gold.gather(1, slots[..., None].expand(-1, -1, gold.shape[-1]))  # (n, p, d_m)
     same = {f"same answers: gold vs {k}":
             100.0 * sum(a == b for a, b in zip(answers["gold document"], v, strict=True)) / n
             for k, v in answers.items() if k != "gold document"}

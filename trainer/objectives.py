@@ -186,7 +186,7 @@ def reconstruction_loss(
     B = memory.shape[0]
     slots = None
     if picks is not None and modules.config.aggregator.select_slots:
-        slots = modules.choose_slots([""] * B, picks[0][:, None], picks[1][:, None])  # (B, 1, p)
+        slots = modules.choose_slots([""] * B, picks[0][:, None], picks[1][:, None])  # (B, p)
     prefix, has_memory = modules.prefix(
         question, memory[:, None], torch.ones(B, 1, dtype=torch.bool, device=memory.device), llm, slots
     )
@@ -246,7 +246,8 @@ def qa_objective(
     slots = None  # as served: the slots each question chooses of its documents (AggregatorConfig.select_slots)
     if docs.picks is not None and modules.config.aggregator.select_slots:
         rows = selection.indices.clamp(min=0)  # (B, K)
-        slots = modules.choose_slots(batch.questions, docs.picks[0][rows], docs.picks[1][rows])  # (B, K, p)
+        slots = modules.choose_slots(batch.questions, docs.picks[0][rows], docs.picks[1][rows],
+                                     selection.mask)  # (B, p)
     prefix, has_memory = modules.prefix(questions.memory, memories, selection.mask, llm, slots)
 
     ids, mask, labels = answer_targets(llm, batch.questions, batch.answers, profile)

@@ -23,7 +23,7 @@ from service.models.config import CMTConfig
 from service.models.llm import Generation, GenerationConfig, LLMBackend
 from service.models.prefix import KVLayout, KVPrefix
 from service.models.prompts import PromptProfile, get_profile
-from service.models.slot_select import question_tokens, select_slots, slot_scores
+from service.models.slot_select import question_tokens, read_slots, select_slots, slot_scores
 
 
 class CMTModules(nn.Module):
@@ -47,10 +47,11 @@ class CMTModules(nn.Module):
         return self.compressor.device
 
     def choose_slots(
-        self, questions: Sequence[str], ids: torch.Tensor, weights: torch.Tensor
+        self, questions: Sequence[str], ids: torch.Tensor, weights: torch.Tensor, doc_mask: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """AggregatorConfig.select_slots: the p slots (B, K, p) of each selected document's stored picks
-        (ids, weights (B, K, k, m)) the questions read; None when ψ reads every slot."""
+        """AggregatorConfig.select_slots: the p slots (B, p) among the selected documents' stored picks (ids,
+        weights (B, K, k, m); doc_mask (B, K), False = padding) each question reads, as indices into K·k
+        (`slot_select.read_slots`); None when ψ reads every slot."""
         a = self.config.aggregator
         if not a.select_slots:
             return None
@@ -59,14 +60,14 @@ class CMTModules(nn.Module):
         asked = question_tokens(token_ids, salience, a.select_min_salience)  # (B, V)
         scores = slot_scores(asked, ids.to(salience.device), weights.to(salience.device), salience, a.select_width,
                              a.select_own_weight)  # (B, K, k)
-        return select_slots(scores, a.select_slots)  # (B, K, p)
+        return select_slots(scores, a.select_slots, doc_mask)  # (B, p)
 
     def prefix(
         self, question: torch.Tensor, memories: torch.Tensor, doc_mask: torch.Tensor, llm: LLMBackend | None = None,
         slots: torch.Tensor | None = None,
     ) -> tuple[KVPrefix | None, torch.Tensor]:
-        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K), slots (B, K, p) the slots
-        read (`choose_slots`) or None for all; the frozen LLM is read by an "embeddings" aligner only.
+        """ψ then π. question (B, k, d_m), memories (B, K, k, d_m), doc_mask (B, K), slots (B, p) the slots read
+        (`choose_slots`) or None for all; the frozen LLM is read by an "embeddings" aligner only.
 
         Returns the prefix (None when no row has any memory) and has_memory (B,): rows without
         memory get their prefix masked out, so the frozen LLM answers them alone.
@@ -75,8 +76,7 @@ class CMTModules(nn.Module):
         if not bool(has_memory.any()):
             return None, has_memory
         if slots is not None:
-            index = slots.to(memories.device)[..., None].expand(-1, -1, -1, memories.shape[-1])  # (B, K, p, d_m)
-            memories = memories.gather(2, index)  # (B, K, p, d_m)
+            memories, doc_mask = read_slots(memories, doc_mask, slots)  # (B, 1, p, d_m), (B, 1)
         m_star = self.aggregator(question, memories, doc_mask)  # (B, p, d_m)
         return self.aligner(m_star, llm), has_memory
 
@@ -167,7 +167,7 @@ class CMTPipeline:
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
         slots = None
         if self.modules.config.aggregator.select_slots:
-            slots = self.modules.choose_slots(questions, *bank.gather_picks(selection))  # (B, K, p)
+            slots = self.modules.choose_slots(questions, *bank.gather_picks(selection), doc_mask)  # (B, p)
         prefix, has_memory = self.modules.prefix(
             q.memory, memories.to(q.memory), doc_mask.to(q.memory.device), self.llm, slots
         )

@@ -165,8 +165,8 @@ class AggregatorConfig:
     within this margin of the best one left (a later report on the same fact scores about as high as
     the one it supersedes; service.models.aggregator.select_recent). 0 = by score alone."""
     select_slots: int = 0
-    """p > 0: ψ reads only the p slots of each selected document nearest the question's salient tokens, in
-    text order (service.models.slot_select), out of the compressor's num_memory_tokens stored slots, so a
+    """p > 0: ψ reads only the p slots nearest the question's salient tokens among its selected documents'
+    stored slots (num_memory_tokens each), as one memory in text order (service.models.slot_select), so a
     document can keep more slots than a question pays prefix positions for. Needs stored token picks
     (CompressorConfig.stored_picks) and queries="memories". 0 = every stored slot."""
     select_width: float = 16.0
@@ -183,7 +183,8 @@ class AggregatorConfig:
         if self.select_slots and self.queries != "memories":
             raise InvalidInputError('AggregatorConfig.select_slots needs queries="memories" (ψ reads the chosen slots)')
         if not (self.select_width > 0 and self.select_own_weight >= 0 and math.isfinite(self.select_min_salience)):
-            raise InvalidInputError("AggregatorConfig.select_width must be > 0 and select_own_weight >= 0")
+            raise InvalidInputError("AggregatorConfig.select_width must be > 0, select_own_weight >= 0 and "
+                                    "select_min_salience finite")
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
         if self.queries not in ("question", "memories"):

@@ -1,5 +1,5 @@
-"""ψ's optional first step (AggregatorConfig.select_slots): the question chooses which p slots of each
-selected document's memory the frozen LLM reads.
+"""ψ's optional first step (AggregatorConfig.select_slots): the question chooses which p slots of its
+selected documents' memories the frozen LLM reads.
 
 Letters: B questions, K selected docs, k stored slots, m token picks per slot, p slots read, V vocabulary.
 
@@ -7,15 +7,18 @@ Why: a memory stored as token picks (CompressorConfig.stored_picks) costs 6 byte
 can keep many more slots than the LLM should read (every slot is a prefix position of every question),
 and the picks say which tokens each slot holds, so the question can choose among them. SmolLM2 answering
 SQuAD valid from 32 words of the paragraph: its 32 rarest words F1 18.9, the 32 words nearest the
-question's rare words F1 30.2 (the whole paragraph 29.5; /tmp experiments of 2026-12-05 with
-bench/bench_extractive_oracle.py's setting). The same through the memory path, gold document forced,
-160 questions: 32 stretch slots F1 9.2, the best 32 of 160 slots chosen this way 16.1.
+question's rare words F1 30.2, the whole paragraph 29.5 (bench/bench_extractive_oracle.py). Through the
+memory path, gold document forced, 160 questions: 32 stretch slots F1 9.8, the best 32 of 160 one-token
+slots chosen this way 20.9 (bench/bench_slot_choice.py).
 
 A slot's score: the salience of the question's tokens it holds or its neighbours hold, decaying as
 1 / (1 + distance / width) in slots, plus `own_weight` × its own salience (a rare token near nothing
 asked is still worth more than a common one). Question tokens count only above `min_salience` (not
 "the", "what"). Slots next to each other on the same token (a text shorter than k repeats its tokens)
-count once. The best p are read in text order. No weights are learned: the salience is Θ's token pool's.
+count once. With several documents (top-k > 1) the best p slots among all of theirs are read, as one
+memory (newest document first, then text order): the prefix stays p positions, and a question whose best
+key match is not its document still finds the slots that hold its words. No weights are learned: the
+salience is Θ's token pool's.
 """
 
 from __future__ import annotations
@@ -53,6 +56,21 @@ def slot_scores(
     return scores.masked_fill(repeat, float("-inf"))
 
 
-def select_slots(scores: torch.Tensor, p: int) -> torch.Tensor:
-    """scores (B, K, k) → the p best slots of each document, in text order (B, K, p)."""
-    return scores.topk(p, dim=-1).indices.sort(dim=-1).values
+def select_slots(scores: torch.Tensor, p: int, doc_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (B, K, k), doc_mask (B, K) (False = padding, never read) → the p best slots among all K·k of
+    each question's documents (B, p), as indices into K·k, in order: document (newest first), then text."""
+    B, K, k = scores.shape
+    if doc_mask is not None:
+        scores = scores.masked_fill(~doc_mask.to(scores.device)[..., None], float("-inf"))
+    return scores.reshape(B, K * k).topk(min(p, K * k), dim=-1).indices.sort(dim=-1).values  # (B, p)
+
+
+def read_slots(
+    memories: torch.Tensor, doc_mask: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """memories (B, K, k, d_m), doc_mask (B, K), slots (B, p) from select_slots → the chosen slots as one
+    memory (B, 1, p, d_m) and its doc_mask (B, 1): ψ then reads them as a single document."""
+    B, K, k, d_m = memories.shape
+    index = slots.to(memories.device)[..., None].expand(-1, -1, d_m)  # (B, p, d_m)
+    chosen = memories.reshape(B, K * k, d_m).gather(1, index)  # (B, p, d_m)
+    return chosen[:, None], doc_mask.any(dim=1, keepdim=True)

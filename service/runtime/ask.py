@@ -18,6 +18,7 @@ from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnava
 from service.models.aggregator import newest_first, recency_candidates, select_recent
 from service.models.llm import Generation, GenerationConfig, TextPieces
 from service.models.prefix import KVPrefix
+from service.models.slot_select import read_slots
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
 from service.settings import Settings
@@ -119,8 +120,9 @@ class AskService:
     def _fetch(
         self, hits: list[list[SearchHit]], questions: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[SearchHit]]]:
-        """Memories (B, K, p, d_m) newest first and doc_mask (B, K), in one Redis round trip: every stored
-        slot (p = k), or the p each question chooses (AggregatorConfig.select_slots).
+        """Memories (B, K, k, d_m) newest first and doc_mask (B, K), in one Redis round trip; with
+        AggregatorConfig.select_slots the p slots each question chooses among them, as one memory
+        (B, 1, p, d_m) and doc_mask (B, 1) (`slot_select.read_slots`).
 
         A document deleted between search and fetch is a miss and simply left out.
         """
@@ -142,7 +144,7 @@ class AskService:
                 mask[b, j] = True
         slots = self.engine.choose_slots(questions, [[stored[h.id].memory for h in row] for row in kept], K)
         if slots is not None:
-            memories = memories.gather(2, slots[..., None].expand(-1, -1, -1, d_m))  # (B, K, p, d_m)
+            memories, mask = read_slots(memories, mask, slots)  # (B, 1, p, d_m), (B, 1)
         return memories, mask, kept
 
     def _prefix_batch(

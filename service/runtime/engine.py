@@ -138,19 +138,21 @@ class Engine:
 
     def choose_slots(self, questions: Sequence[str], stored: Sequence[Sequence[codec.Memory]], K: int
                      ) -> torch.Tensor | None:
-        """AggregatorConfig.select_slots: the slots (B, K, p) each question reads of its documents' stored token
-        picks (a row of up to K per question; missing ones are padding), on the CPU; None = every slot."""
+        """AggregatorConfig.select_slots: the slots (B, p) each question reads of its documents' stored token
+        picks (a row of up to K per question; missing ones are padding), indices into K·k on the CPU
+        (`slot_select.read_slots`); None = every slot."""
         c = self.modules.config
         if not c.aggregator.select_slots:
             return None
         k, m = self.num_memory_tokens, c.compressor.stored_picks
         ids = torch.zeros(len(stored), K, k, m, dtype=torch.long)  # (B, K, k, m)
         weights = torch.zeros(len(stored), K, k, m, dtype=STORED_DTYPE)  # (B, K, k, m)
+        doc_mask = torch.zeros(len(stored), K, dtype=torch.bool)  # (B, K)
         for b, row in enumerate(stored):
             for j, picks in enumerate(row):
-                ids[b, j], weights[b, j] = picks.ids, picks.weights
+                ids[b, j], weights[b, j], doc_mask[b, j] = picks.ids, picks.weights, True
         with torch.inference_mode():
-            return self.modules.choose_slots(questions, ids, weights).cpu()
+            return self.modules.choose_slots(questions, ids, weights, doc_mask).cpu()
 
     def memory_value_bytes(self, compressor_version: str | None = None) -> int:
         """Bytes of one stored memory value as `compress` makes it (default: this checkpoint's version)."""

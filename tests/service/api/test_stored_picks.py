@@ -133,4 +133,4 @@ def test_slots_chosen_by_the_question_are_served_as_the_offline_pipeline_chooses
     pieces = [json.loads(line[6:])["text"] for line in streamed.splitlines() if line.startswith('data: {"text"')]
     assert "".join(pieces).strip() == offline.text
     slots = modules.choose_slots([question], *bank.gather_picks(select_top_k(mem.key[:1], mem.key, 1)))
-    assert slots.shape == (1, 1, 4)
+    assert slots.shape == (1, 4)

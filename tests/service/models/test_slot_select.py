@@ -7,7 +7,7 @@ import torch
 
 from service.errors import InvalidInputError
 from service.models.config import AggregatorConfig, CMTConfig, CompressorConfig
-from service.models.slot_select import question_tokens, select_slots, slot_scores
+from service.models.slot_select import question_tokens, read_slots, select_slots, slot_scores
 
 V = 50
 SALIENCE = torch.linspace(0.0, 9.8, V)  # token t has salience 0.2·t: low ids are "the", "what"
@@ -27,22 +27,22 @@ def test_the_slots_around_a_salient_question_token_are_read_in_text_order():
     ids, weights = _one_doc(doc)
     asked = question_tokens([[1, 45]], SALIENCE, min_salience=2.0)  # token 1 is too common to look for
     assert asked[0].nonzero().flatten().tolist() == [45]
-    slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=2.0, own_weight=0.0), 5)  # (1, 1, 5)
-    assert slots[0, 0].tolist() == [3, 4, 5, 6, 7]
+    slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=2.0, own_weight=0.0), 5)  # (1, 5)
+    assert slots[0].tolist() == [3, 4, 5, 6, 7]
 
 
 def test_without_a_match_the_most_salient_slots_are_read():
     ids, weights = _one_doc([5, 40, 6, 41, 7, 42])
     asked = question_tokens([[]], SALIENCE, min_salience=2.0)
     slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=4.0, own_weight=0.3), 3)
-    assert slots[0, 0].tolist() == [1, 3, 5]
+    assert slots[0].tolist() == [1, 3, 5]
 
 
 def test_a_run_of_slots_on_the_same_token_counts_once():
     ids, weights = _one_doc([44, 44, 44, 10, 11, 12])  # a short text repeats its salient token across slots
     asked = question_tokens([[44]], SALIENCE, min_salience=2.0)
     slots = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=1.0, own_weight=0.3), 3)
-    assert slots[0, 0].tolist() == [0, 3, 4]
+    assert slots[0].tolist() == [0, 3, 4]
 
 
 def test_slot_selection_settings_are_checked():
@@ -57,3 +57,17 @@ def test_slot_selection_settings_are_checked():
         CompressorConfig(stored_picks=4)
     assert CMTConfig(pooled, AggregatorConfig(select_slots=4, queries="memories")).slots_read == 4
     assert CMTConfig(pooled).slots_read == 8
+
+
+def test_with_several_documents_the_best_slots_among_all_of_them_are_read_as_one_memory():
+    ids_a, w_a = _one_doc([20, 21, 22, 23, 24, 25])  # asks nothing
+    ids_b, w_b = _one_doc([26, 27, 45, 28, 29, 30])  # holds the asked token 45 at slot 2
+    ids, weights = torch.cat([ids_a, ids_b], dim=1), torch.cat([w_a, w_b], dim=1)  # (1, 2, 6, 2)
+    asked = question_tokens([[45]], SALIENCE, min_salience=2.0)
+    scores = slot_scores(asked, ids, weights, SALIENCE, width=1.0, own_weight=0.0)  # (1, 2, 6)
+    slots = select_slots(scores, 3, torch.tensor([[True, True]]))
+    assert slots[0].tolist() == [6 + 1, 6 + 2, 6 + 3]  # document b's slots 1-3, as indices into 2·6
+    assert select_slots(scores, 3, torch.tensor([[True, False]]))[0].max() < 6, "padding is never read"
+    memories = torch.arange(2 * 6, dtype=torch.float32).view(1, 2, 6, 1).expand(-1, -1, -1, 4)  # (1, 2, 6, 4)
+    chosen, mask = read_slots(memories, torch.tensor([[True, True]]), slots)
+    assert chosen.shape == (1, 1, 3, 4) and chosen[0, 0, :, 0].tolist() == [7.0, 8.0, 9.0] and mask.tolist() == [[True]]
