@@ -35,6 +35,7 @@ from service.models.config import CMTConfig  # noqa: E402
 from service.models.llm import HFCausalLM  # noqa: E402
 from trainer.data import load_split  # noqa: E402
 from trainer.eval_answer import generation_config  # noqa: E402
+from trainer.rekey import carry_trained_weights  # noqa: E402
 from trainer.scoring import aggregate  # noqa: E402
 
 BATCH = 16
@@ -48,13 +49,9 @@ def variant(modules: CMTModules, layout, stored: int, picks: int, read: int, wid
         dataclasses.replace(a, select_slots=read, select_width=width),
         modules.config.aligner,
     )
-    theta = modules.compressor
+    theta = modules.compressor  # the variant shares its frozen backbone and key encoder
     out = CMTModules(config, Compressor(config.compressor, theta.backbone, theta.tokenizer, theta.key_encoder), layout)
-    unused = ("soft_tokens", "token_pool.state_proj")  # per-slot soft tokens; the map of states picks cannot hold
-    state = {n: t for n, t in theta.state_dict().items() if not n.startswith(unused)}
-    out.compressor.load_state_dict(state, strict=False)
-    out.aggregator.load_state_dict(modules.aggregator.state_dict())
-    out.aligner.load_state_dict(modules.aligner.state_dict())
+    carry_trained_weights(modules, out)
     return out.eval()
 
 

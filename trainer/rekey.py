@@ -39,6 +39,21 @@ def idf_texts(source: str) -> list[str]:
     return [d["text"] for d in docs] + [q["question"] for d in docs for q in d.get("questions", [])]
 
 
+def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[str, ...] = ()) -> None:
+    """Load source's trained Θ (less the `skip` prefixes), ψ and π into target, built with other settings;
+    raises if target has a trained Θ weight that source cannot fill. A token pool has no per-slot weights,
+    so its (unused) soft tokens are not carried: the same pool stores any number of slots."""
+    if source.compressor.token_pool is not None:
+        skip += ("soft_tokens",)  # (k, d_m)
+    kept = {n: t for n, t in source.compressor.trainable_state_dict().items() if not n.startswith(skip)}
+    missing, _ = target.compressor.load_state_dict(kept, strict=False)
+    untrained = [n for n in missing if n in target.compressor.trainable_state_dict() and not n.startswith(skip)]
+    if untrained:
+        raise ValueError(f"the new compressor has weights the checkpoint cannot fill: {untrained[:5]}")
+    target.aggregator.load_state_dict(source.aggregator.state_dict())
+    target.aligner.load_state_dict(source.aligner.state_dict())
+
+
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
           select_slots: int | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
@@ -59,16 +74,7 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
             raise ValueError("stored_picks needs a token pool without a map of states; this checkpoint's "
                              "token_pool.state_proj was trained away from zero: train it with stored_picks instead")
     rekeyed = CMTModules.build(new_config, llm.layout)
-    key_parts = ("key_proj.", "lexical_key.")
-    if modules.compressor.token_pool is not None:  # a token pool has no per-slot weights: any number of slots
-        key_parts += ("soft_tokens",)  # (k, d_m), unused by the pool
-    kept = {n: t for n, t in modules.compressor.trainable_state_dict().items() if not n.startswith(key_parts)}
-    missing, _ = rekeyed.compressor.load_state_dict(kept, strict=False)
-    untrained = [n for n in missing if n in rekeyed.compressor.trainable_state_dict() and not n.startswith(key_parts)]
-    if untrained:
-        raise ValueError(f"the new compressor has weights the checkpoint cannot fill: {untrained[:5]}")
-    rekeyed.aggregator.load_state_dict(modules.aggregator.state_dict())
-    rekeyed.aligner.load_state_dict(modules.aligner.state_dict())
+    carry_trained_weights(modules, rekeyed, skip=("key_proj.", "lexical_key."))
     rekeyed.compressor.fit_lexical_idf(texts, token_pool=False)
     metrics = {**config.get("metrics", {}), "rekeyed_from": config["compressor_version"]}
     save_checkpoint(target, rekeyed, llm.identity, metrics, prompt_profile=checkpoint_profile(config), dtype=dtype)

@@ -104,10 +104,14 @@ class Engine:
             return self.modules.compressor(batch)
 
     def compress_tokenized(self, batch: ChunkedBatch) -> Compressed:
-        """Θ on CPU/GPU; memory, key and picks come back on the CPU in fp16 (ids int64), what is stored."""
+        """Θ on CPU/GPU; what is stored comes back on the CPU in fp16: the key, and the memory, or its token
+        picks (ids int64) when the checkpoint stores picks; the memory then stays where Θ made it, uncopied
+        (k × d_m values a document that ingest would only throw away)."""
         out = self._theta(batch)
-        picks = None if out.picks is None else (out.picks[0].cpu(), out.picks[1].to("cpu", STORED_DTYPE))
-        return Compressed(out.memory.to("cpu", STORED_DTYPE), out.key.to("cpu", STORED_DTYPE), picks)
+        key = out.key.to("cpu", STORED_DTYPE)
+        if out.picks is None:
+            return Compressed(out.memory.to("cpu", STORED_DTYPE), key)
+        return Compressed(out.memory, key, (out.picks[0].cpu(), out.picks[1].to("cpu", STORED_DTYPE)))
 
     def compress(self, texts: Sequence[str]) -> Compressed:
         return self.compress_tokenized(self.tokenize(texts))
@@ -126,9 +130,11 @@ class Engine:
         token embeddings (one lookup for all of them)."""
         k, d_m = self.num_memory_tokens, self.modules.config.compressor.memory_dim
         out = torch.empty(len(stored), k, d_m, dtype=STORED_DTYPE)  # (n, k, d_m)
-        picked = [i for i, m in enumerate(stored) if isinstance(m, codec.TokenPicks)]
+        picked = []
         for i, m in enumerate(stored):
-            if i not in picked:
+            if isinstance(m, codec.TokenPicks):
+                picked.append(i)
+            else:
                 out[i] = m
         if picked:
             ids = torch.stack([stored[i].ids for i in picked])  # (n', k, m)

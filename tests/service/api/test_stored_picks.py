@@ -56,9 +56,9 @@ def test_stored_picks_are_small_and_rebuild_the_memory_theta_made(picks_dirs):
 
             stored = store.get_memories([d["id"] for d in DOCS])
             assert all(isinstance(m.memory, codec.TokenPicks) and m.memory.shape == (k, PICKS) for m in stored)
-            theta = engine.compress([d["text"] for d in DOCS])  # (3, k, d_m) fp16: what Θ made
+            theta = engine.compress([d["text"] for d in DOCS])  # memory (3, k, d_m): what Θ made
             rebuilt = engine.dense_memories([m.memory for m in stored])  # (3, k, d_m) fp16
-            assert torch.allclose(rebuilt.float(), theta.memory.float(), atol=2e-3, rtol=1e-2)
+            assert torch.allclose(rebuilt.float(), theta.memory.float().cpu(), atol=2e-3, rtol=1e-2)
 
             question = {"question": "When did the Varnholt bridge reopen?", "top_k": 1}
             first = client.post("/ask", json=question).json()
