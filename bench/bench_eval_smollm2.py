@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.models.llm import HFCausalLM
 from service.models.prompts import PROFILES
+from service.runtime.engine import DTYPES
 from trainer.data import load_split
 from trainer.eval_answer import MAX_NEW_TOKENS
 from trainer.evaluate import ROW_GROUPS, command_line, run_evaluation, write_report
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROW_GROUPS),
                         help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="the frozen LLM's dtype (Θ/ψ/π stay float32); the prompt-only cache keeps dtypes apart")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     command = command_line(argv, "python bench/bench_eval_smollm2.py")
     t0 = time.perf_counter()
-    llm = HFCausalLM.from_pretrained(args.llm, device=args.device)
+    llm = HFCausalLM.from_pretrained(args.llm, device=args.device, dtype=DTYPES[args.dtype])
     for data in datasets:
         split, questions, name, title = RUNS[data]
         t1 = time.perf_counter()
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
         )
         report["data"] = {"source": data, "split": split}
-        report["bench"] = {"seconds": time.perf_counter() - t1, "torch_threads": torch.get_num_threads()}
+        report["bench"] = {"seconds": time.perf_counter() - t1, "torch_threads": torch.get_num_threads(),
+                           "llm_dtype": args.dtype}
         out = args.out / f"eval-smollm2-{name}"
         write_report(report, out, title=f"CMT evaluation: {title}, {args.llm}")
         print((out / "report.md").read_text())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gzip
 import json
 import os
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--continuous-batching", choices=["on", "off"], default="on",
                         help="questions join the running decode (on) or each batch decodes to its end (off)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the LLM's dtype (CMT_DTYPE); auto = bfloat16 on a CPU with native bf16 (AMX/AVX512-BF16)")
     parser.add_argument("--skip-ingest", action="store_true", help="measure /ask only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
     args = parser.parse_args()
@@ -135,7 +138,7 @@ def main() -> None:
     port = 8791
     env = {**os.environ, "CMT_REDIS_URL": REDIS, "CMT_BANK": "bench", "CMT_LLM": str(llm_dir),
            "CMT_CHECKPOINT": str(ckpt), "CMT_PORT": str(port), "CMT_ASK_BATCH_SIZE": "32",
-           "CMT_INGEST_BATCH_SIZE": "32",
+           "CMT_INGEST_BATCH_SIZE": "32", "CMT_DTYPE": args.dtype,
            "CMT_CONTINUOUS_BATCHING": "true" if args.continuous_batching == "on" else "false"}
     server = subprocess.Popen([sys.executable, "-m", "service.cli"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -147,8 +150,13 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        from service.runtime.engine import cpu_has_native_bf16, resolve_llm_dtype
+        from service.settings import Settings
+
+        llm_dtype = str(resolve_llm_dtype(Settings(dtype=args.dtype))).removeprefix("torch.")
         result: dict = {"docs_in_bank": args.docs, "new_tokens": args.new_tokens,
-                        "continuous_batching": args.continuous_batching, "ask": {}}
+                        "continuous_batching": args.continuous_batching, "llm_dtype": llm_dtype,
+                        "cpu_native_bf16": cpu_has_native_bf16(), "ask": {}}
 
         def ask(w: int, n: int) -> tuple[str, dict]:
             question = f"What happened to the bridge in report {w}-{n}?"
@@ -161,6 +169,8 @@ def main() -> None:
             result["ask"][c] = {
                 "requests": len(lat), "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
                 "throughput_rps": len(lat) / wall, "stage_p50_ms": stages,
+                # "length" = all --new-tokens decoded; a stop string or EOS ends an answer earlier (less work)
+                "finish_reasons": dict(collections.Counter(b["finish_reason"] for b in bodies)),
                 "queue_share_p50_pct": 100 * stages["queue"] / stages["total"],
                 "non_generate_share_p50_pct":
                     100 * non_gen / statistics.median(b["timings_ms"]["total"] for b in bodies),

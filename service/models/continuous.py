@@ -123,11 +123,9 @@ class ContinuousDecoder:
             self._keys, self._values, self._mask = keys, values, mask.long()
             self._next_pos, self._logits = next_pos, logits
         else:
-            T = max(self._mask.shape[1], mask.shape[1])
-            self._keys = [torch.cat([_left_pad(a, T), _left_pad(b, T)]) for a, b in zip(self._keys, keys, strict=True)]
-            self._values = [torch.cat([_left_pad(a, T), _left_pad(b, T)])
-                            for a, b in zip(self._values, values, strict=True)]
-            self._mask = torch.cat([_left_pad_mask(self._mask, T), _left_pad_mask(mask.long(), T)])  # (R, T)
+            self._keys = [_stack_left_padded(a, b) for a, b in zip(self._keys, keys, strict=True)]
+            self._values = [_stack_left_padded(a, b) for a, b in zip(self._values, values, strict=True)]
+            self._mask = _stack_left_padded(self._mask, mask.long())  # (R, T)
             self._next_pos = torch.cat([self._next_pos, next_pos])
             self._logits = torch.cat([self._logits, logits])
         self._requests += requests
@@ -217,10 +215,13 @@ def _stack(prefixes: list[KVPrefix]) -> KVPrefix:
                     [torch.cat(vs) for vs in zip(*(p.values for p in prefixes), strict=True)])
 
 
-def _left_pad(x: torch.Tensor, T: int) -> torch.Tensor:
-    """(r, H_kv, t, hd) → (r, H_kv, T, hd) with zeros in front (masked columns)."""
-    return torch.nn.functional.pad(x, (0, 0, T - x.shape[2], 0))
-
-
-def _left_pad_mask(mask: torch.Tensor, T: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (T - mask.shape[1], 0))
+def _stack_left_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of a then rows of b, each right-aligned in the longer one's columns with zeros in front (masked
+    columns): (R, H_kv, t, hd) and (r, H_kv, t', hd) → (R+r, H_kv, T, hd), or masks (R, t), (r, t') → (R+r, T).
+    One copy of each (padding then concatenating copies the running cache twice)."""
+    col = 2 if a.dim() == 4 else 1
+    T = max(a.shape[col], b.shape[col])
+    out = a.new_zeros(a.shape[0] + b.shape[0], *a.shape[1:col], T, *a.shape[col + 1 :])
+    out[: a.shape[0]].narrow(col, T - a.shape[col], a.shape[col]).copy_(a)
+    out[a.shape[0] :].narrow(col, T - b.shape[col], b.shape[col]).copy_(b)
+    return out

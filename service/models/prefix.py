@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from service.errors import InvalidInputError
 
@@ -95,12 +96,21 @@ class KVPrefix:
         )
 
     def to_cache(self, config: Any, dtype: torch.dtype | None = None) -> DynamicCache:
-        """A fresh cache for one forward/generate; the prefix tensors keep their autograd graph."""
+        """A fresh cache for one forward/generate; the prefix tensors keep their autograd graph.
+
+        A plain `DynamicLayer` takes the tensors as they are: its update appends with `torch.cat`, a new tensor,
+        so they are never written to, and `cache.update` would copy the whole prefix once more (for the
+        continuous decoder, whose whole running cache passes through here each token step, a copy of it all)."""
         cache = DynamicCache(config=config)
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
-            cache.update(k, v, layer)
+            held = cache.layers[layer] if layer < len(cache.layers) else None
+            if type(held) is DynamicLayer:
+                held.lazy_initialization(k, v)
+                held.keys, held.values = k, v
+            else:  # other layer kinds (sliding windows, offloading) keep their own bookkeeping
+                cache.update(k, v, layer)
         return cache
 
     @classmethod

@@ -42,6 +42,22 @@ def resolve_compress_dtype(settings: Settings) -> torch.dtype:
     return DTYPES[settings.compress_dtype]
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU: oneDNN then runs bf16 matmuls in hardware (elsewhere it emulates them,
+    slower than fp32). torch's own probes, private but stable since 2.1; a torch without them reads as False."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_llm_dtype(settings: Settings) -> torch.dtype:
+    """Settings.dtype resolved for the device: "auto" is bfloat16 on CUDA and on a CPU with native bf16."""
+    if settings.dtype == "auto":
+        device = torch.device(settings.device).type
+        native = device == "cuda" or (device == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    return DTYPES[settings.dtype]
+
+
 @dataclass
 class Engine:
     llm: LLMBackend
@@ -64,9 +80,9 @@ class Engine:
         backend: type[HFCausalLM] | type[VLLMCausalLM] = HFCausalLM
         if settings.engine == "vllm":  # vLLM itself is imported only now (a clear error if it is not installed)
             from service.models.vllm_llm import VLLMCausalLM as backend
-        llm = backend.from_pretrained(
-            settings.llm, device=settings.device, dtype=DTYPES[settings.dtype], cache_dir=settings.llm_cache_dir
-        )
+        dtype = resolve_llm_dtype(settings)
+        llm = backend.from_pretrained(settings.llm, device=settings.device, dtype=dtype,
+                                      cache_dir=settings.llm_cache_dir)
         checkpoint = settings.checkpoint  # a missing or foreign one is refused with a message naming both LLMs
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
@@ -75,8 +91,8 @@ class Engine:
             alpha = 0.0
         engine = cls(llm, modules, config["compressor_version"], Path(checkpoint), time.perf_counter() - start, alpha,
                      checkpoint_profile(config), resolve_compress_dtype(settings))
-        log.info("loaded LLM %s and checkpoint %s (compressor %s) in %.1fs", settings.llm, checkpoint,
-                 engine.compressor_version, engine.load_seconds)
+        log.info("loaded LLM %s (%s) and checkpoint %s (compressor %s) in %.1fs", settings.llm, dtype,
+                 checkpoint, engine.compressor_version, engine.load_seconds)
         return engine
 
     @property

@@ -16,6 +16,7 @@ from service.app import create_app
 from service.models.checkpoint import checkpoint_profile, load_checkpoint
 from service.models.cmt import Bank, CMTPipeline
 from service.models.llm import GenerationConfig, HFCausalLM
+from service.runtime.engine import resolve_llm_dtype
 from service.settings import SHIPPED_CHECKPOINT, Settings
 from service.storage.redis_store import RedisMemoryStore
 from tests.service.api.conftest import REDIS_URL
@@ -51,7 +52,7 @@ def test_default_service_answers_real_paragraphs_as_the_offline_pipeline_does():
     finally:
         RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
 
-    llm = HFCausalLM.from_pretrained(settings.llm)
+    llm = HFCausalLM.from_pretrained(settings.llm, dtype=resolve_llm_dtype(settings))  # bf16 where the CPU has it
     modules, config = load_checkpoint(SHIPPED_CHECKPOINT, llm.identity, llm.layout)
     pipeline = CMTPipeline(modules, llm, checkpoint_profile(config))
     mem = pipeline.compress([d["text"] for d in docs])

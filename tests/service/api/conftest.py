@@ -16,8 +16,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def make_settings(model_dirs, **overrides) -> Settings:
     llm_dir, ckpt = model_dirs
+    # float32 whatever the CPU: these tests compare served answers with the offline pipeline's float32 ones
     values = dict(llm=str(llm_dir), checkpoint=ckpt, redis_url=REDIS_URL, bank=f"t{uuid.uuid4().hex[:12]}",
-                  default_max_new_tokens=4, batch_wait_ms=2)
+                  default_max_new_tokens=4, batch_wait_ms=2, dtype="float32")
     values.update(overrides)
     return Settings(**values)
 
