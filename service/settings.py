@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     """The frozen LLM's dtype (Θ/ψ/π stay float32). "auto" = bfloat16 on CUDA and on a CPU with native bf16
     (AVX512-BF16 or AMX: oneDNN runs bf16 matmuls in hardware), float32 on other CPUs (there bf16 is emulated,
     slower than fp32). On SmolLM2 and 300 SQuAD test questions bf16 scores as fp32 does (gold paragraph F1 32.6
-    vs 32.9, CMT 25.6 vs 25.4); on 2 AMX cores the service answers 1.3× more questions per second at 32 clients
-    (bench/results/service.json)."""
+    vs 32.9, CMT 25.6 vs 25.4); on 2 AMX cores the service answers 1.5× more questions per second at 8 clients
+    and 1.4× more at 32 than with fp32 before (README "Using the service")."""
     compress_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Θ's compute dtype for documents and questions (its weights stay float32; bfloat16 runs it under
     autocast). "auto" = bfloat16 on CUDA, float32 elsewhere. Against float32 on 64 SQuAD paragraphs, bfloat16
