@@ -105,10 +105,9 @@ class KVPrefix:
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
-            held = cache.layers[layer] if layer < len(cache.layers) else None
-            if type(held) is DynamicLayer:
-                held.lazy_initialization(k, v)
-                held.keys, held.values = k, v
+            cache.update(k[:, :, :0], v[:, :, :0], layer)  # the layer of the model's kind, initialised, no copy
+            if type(cache.layers[layer]) is DynamicLayer:
+                cache.layers[layer].keys, cache.layers[layer].values = k, v
             else:  # other layer kinds (sliding windows, offloading) keep their own bookkeeping
                 cache.update(k, v, layer)
         return cache
