@@ -2,6 +2,7 @@
 (prefill), then decoded to the end (no stop string, so every row decodes --new-tokens).
 
     .venv/bin/python bench/bench_decoder.py [--questions 32] [--prefix-len 16] [--new-tokens 16] [--rounds 4]
+        [--dtypes float32,bfloat16] [--stores growing,slab]
 
 Uses bench_service.py's randomly initialised GPT-2-small-shaped LLM (built once into bench/.cache). What the
 service adds on top (HTTP, Θ/ψ/π on the same cores) is bench_service.py's. Writes bench/results/decoder.json.
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per dtype (after one warm-up); best kept")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--stores", default="growing",
+                        help="the running cache's stores to time (service.models.kv_slab): growing, slab")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decoder.json")
     args = parser.parse_args()
 
@@ -67,12 +70,14 @@ def main() -> None:
         questions = [f"Question: What happened to the bridge in report {i}-{7 * i}?\nAnswer:"
                      for i in range(args.questions)]
         requests = [(q, random_prefix(llm, args.prefix_len, g), config) for q in questions]
-        decoder = ContinuousDecoder(llm, max_rows=2 * args.questions)
-        one_round(decoder, requests)  # warm-up
-        rounds = [one_round(decoder, requests) for _ in range(args.rounds)]
-        best = min(rounds, key=lambda r: r["total_s"])
-        result["dtypes"][name] = {**best, "answers_per_s": args.questions / best["total_s"], "rounds": rounds}
-        print(name, json.dumps({k: round(v, 3) for k, v in best.items()}), flush=True)
+        for store in args.stores.split(","):
+            decoder = ContinuousDecoder(llm, max_rows=2 * args.questions, store=store)
+            one_round(decoder, requests)  # warm-up
+            rounds = [one_round(decoder, requests) for _ in range(args.rounds)]
+            best = min(rounds, key=lambda r: r["total_s"])
+            key = name if store == "growing" else f"{name}/{store}"
+            result["dtypes"][key] = {**best, "answers_per_s": args.questions / best["total_s"], "rounds": rounds}
+            print(key, json.dumps({k: round(v, 3) for k, v in best.items()}), flush=True)
     args.out.write_text(json.dumps(result, indent=2))
 
 

@@ -14,8 +14,9 @@ Sections (--sections ingest,decode,rag):
   fp32 on the service path: key cosine, memory relative error. Targets: the batcher in bf16 ≥ 10,000 docs/s
   and ≥ half the raw bf16 forward; key cosine ≥ 0.999.
 - decode: random bf16 Llamas shaped like SmolLM2-135M and Llama-2-7B; time per token at batch 1 of
-  `HFCausalLM.generate` and of the continuous decoder (the /ask path), against the HBM limit (weight bytes
-  / --hbm-tbps). Targets: ≤ 6 ms (7B), < 3 ms (SmolLM2).
+  `HFCausalLM.generate` and of the continuous decoder (the /ask path) with each store: growing tensors,
+  the slab run eagerly, the slab replaying CUDA graphs (the service's default on CUDA), against the HBM
+  limit (weight bytes / --hbm-tbps). Targets: ≤ 6 ms (7B), < 3 ms (SmolLM2).
 - rag: the 7B shape, 32 questions, 16 new tokens: CMT (a 16-position KV prefix per question: ψ's one M* of
   the top-4) against RAG (three SQuAD paragraphs in the prompt) and the bare question: time to first token
   and total, one batch.
@@ -180,14 +181,25 @@ def decode(device: torch.device, shapes: dict, tokenizer, new_tokens: int, hbm_t
         def generate(n: int, llm: HFCausalLM = llm) -> None:
             llm.generate([prompt], None, None, GenerationConfig(max_new_tokens=n))
 
-        def continuous(n: int, llm: HFCausalLM = llm) -> None:
-            decoder = ContinuousDecoder(llm, max_rows=4)
+        # the service's decoders, kept across calls as the service keeps its one: a slab's graphs are
+        # captured in the warm-up call (one per row bucket), later calls replay them
+        decoders = {
+            "continuous": ContinuousDecoder(llm, max_rows=4),
+            "continuous_slab": ContinuousDecoder(llm, max_rows=4, store="slab", slab_columns=256),
+            "continuous_slab_cuda_graphs": ContinuousDecoder(llm, max_rows=4, store="slab", slab_columns=256,
+                                                             cuda_graphs=True),
+        }
+
+        def continuous(n: int, decoder: ContinuousDecoder) -> None:
             decoder.add(prompt, None, GenerationConfig(max_new_tokens=n))
             while decoder.active:
                 decoder.step()
 
+        paths = {"generate": generate} | {
+            name: (lambda n, d=d: continuous(n, d)) for name, d in decoders.items()
+        }
         per_token = {}
-        for path, fn in (("generate", generate), ("continuous", continuous)):
+        for path, fn in paths.items():
             # a difference of two timings: best of at least 3 each, so one stall cannot make it negative
             first = timed(lambda fn=fn: fn(1), device, max(REPEAT, 3))
             full = timed(lambda fn=fn: fn(new_tokens + 1), device, max(REPEAT, 3))
@@ -195,8 +207,10 @@ def decode(device: torch.device, shapes: dict, tokenizer, new_tokens: int, hbm_t
         limit = 1e3 * weight_bytes / (hbm_tbps * 1e12)
         out[name] = {"parameters": sum(p.numel() for p in llm.model.parameters()), "weight_bytes": weight_bytes,
                      "ms_per_token_batch_1": per_token, "hbm_limit_ms_per_token": limit,
-                     "ratio_to_hbm_limit": {k: v / limit for k, v in per_token.items()}}
-        del llm
+                     "ratio_to_hbm_limit": {k: v / limit for k, v in per_token.items()},
+                     "cuda_graphs_captured": sorted(
+                         b for b, g in decoders["continuous_slab_cuda_graphs"]._store._graphs.items() if g is not None)}
+        del llm, decoders
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

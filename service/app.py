@@ -17,7 +17,7 @@ from service.api.errors import error_response, install_error_handlers
 from service.api.routes import router
 from service.metrics import Metrics, ServedModel
 from service.runtime.ask import AskService, make_ask_batcher, make_prepare_batcher
-from service.runtime.decode_loop import DecodeLoop
+from service.runtime.decode_loop import DecodeLoop, continuous_decoder
 from service.runtime.engine import Engine
 from service.runtime.ingest import IngestService, make_compress_batcher
 from service.runtime.questions import QuestionService
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue,
                                     decoder=engine.llm.decoder(settings.max_decode_rows))
             elif settings.continuous_batching:
-                decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue)
+                decode = DecodeLoop(engine.llm, settings.max_decode_rows, settings.max_queue,
+                                    decoder=continuous_decoder(engine.llm, settings))
             make = make_prepare_batcher if decode is not None else make_ask_batcher
             ask_batcher = make(ask, settings, metrics.on_batch("ask"))
             questions = QuestionService(ask, ask_batcher, store, decode, on_answer=metrics.on_answer,

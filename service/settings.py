@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     at 32, 5.14 → 6.26 req/s at 32. False = each batch of questions decodes to its end before the next."""
     max_decode_rows: int = Field(64, gt=1)
     """Rows of the continuous batch (a question with α and memory takes two)."""
+    decode_store: Literal["auto", "growing", "slab"] = "auto"
+    """Where the continuous batch keeps its running KV cache (service.models.kv_slab): "growing" = tensors
+    of exactly the running rows (least arithmetic: the CPU's choice), "slab" = preallocated rows × columns,
+    the fixed addresses a CUDA graph needs; "auto" = slab on CUDA, growing elsewhere."""
+    cuda_graphs: bool = True
+    """With the slab on CUDA, every decode step replays a CUDA graph captured per row bucket (1, 2, 4, …
+    rows) at its first use: one launch instead of hundreds of small kernels. A step that cannot be captured
+    runs eagerly, with a warning."""
+    decode_slab_columns: int = Field(512, gt=8)
+    """Columns the slab preallocates (prefix + prompt + answer of the rows running together); it grows ×2
+    when a row needs more, and the graphs are captured again."""
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long a batcher waits for more work before running a partial batch."""
     max_queue: int = Field(256, gt=0)

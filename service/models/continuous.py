@@ -9,7 +9,8 @@ A joining request is prefilled alone (its prefix, its prompt), then its cache is
 batch's is) to one length and concatenated along the batch. Padded columns are masked, and every row
 keeps its own position ids, so each row attends to exactly what it would attend to decoded alone.
 Synchronous and single-threaded: `ContinuousDecoder.step` is driven by one thread (the service's
-decode loop); `add` and `cancel` happen between steps.
+decode loop); `add` and `cancel` happen between steps. Where the running cache lives is the store's
+business (service.models.kv_slab): grown per step on the CPU, a preallocated slab with CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from service.models.kv_slab import GrowingRows, KVSlab
 from service.models.llm import Generation, GenerationConfig, HFCausalLM, cut_at_stop
 from service.models.prefix import KVPrefix
 
@@ -45,20 +47,23 @@ class Step:
 
 
 class ContinuousDecoder:
-    def __init__(self, llm: HFCausalLM, max_rows: int = 64) -> None:
+    def __init__(self, llm: HFCausalLM, max_rows: int = 64, store: str = "growing", slab_columns: int = 512,
+                 cuda_graphs: bool = False) -> None:
+        """`store`: "growing" (tensors of exactly the running rows: least arithmetic, the CPU's choice) or
+        "slab" (preallocated `slab_columns` columns, grown when needed; with `cuda_graphs` on CUDA each step
+        replays a captured graph)."""
+        if store not in ("growing", "slab"):
+            raise ValueError(f"store must be 'growing' or 'slab', got {store!r}")
         self.llm = llm
         self.max_rows = max_rows
         self._ids = itertools.count()
         self._requests: list[_Request] = []  # in row order
-        self._keys: list[torch.Tensor] = []  # per layer (R, H_kv, T, hd)
-        self._values: list[torch.Tensor] = []
-        self._mask = torch.zeros(0, 0, dtype=torch.long, device=llm.device)  # (R, T)
-        self._next_pos = torch.zeros(0, dtype=torch.long, device=llm.device)  # (R,)
+        self._store = GrowingRows(llm) if store == "growing" else KVSlab(llm, max_rows, slab_columns, cuda_graphs)
         self._logits = torch.zeros(0, 0, device=llm.device)  # (R, V) next-token logits of every row
 
     @property
     def rows(self) -> int:
-        return len(self._mask)
+        return self._store.rows
 
     @property
     def active(self) -> list[int]:
@@ -119,15 +124,8 @@ class ContinuousDecoder:
               logits: torch.Tensor) -> None:
         keys = [layer.keys for layer in cache.layers]  # (r, H_kv, T', hd)
         values = [layer.values for layer in cache.layers]
-        if not self._requests:
-            self._keys, self._values, self._mask = keys, values, mask.long()
-            self._next_pos, self._logits = next_pos, logits
-        else:
-            self._keys = [_stack_left_padded(a, b) for a, b in zip(self._keys, keys, strict=True)]
-            self._values = [_stack_left_padded(a, b) for a, b in zip(self._values, values, strict=True)]
-            self._mask = _stack_left_padded(self._mask, mask.long())  # (R, T)
-            self._next_pos = torch.cat([self._next_pos, next_pos])
-            self._logits = torch.cat([self._logits, logits])
+        self._store.join(keys, values, mask, next_pos)
+        self._logits = torch.cat([self._logits, logits]) if self._requests else logits
         self._requests += requests
 
     @torch.inference_mode()
@@ -146,16 +144,17 @@ class ContinuousDecoder:
             out.append(Step(request.rid, token, done))
             keep += [not done] * request.rows
             row += request.rows
-        self._select(torch.tensor(keep, dtype=torch.bool, device=self._mask.device), [s.done is None for s in out])
+        self._select(torch.tensor(keep, dtype=torch.bool, device=self.llm.device), [s.done is None for s in out])
         if self._requests:
             self._forward([s.token for s in out if s.done is None])
         return out
 
+    @torch.inference_mode()
     def cancel(self, rid: int) -> None:
         """Drop a request (a client that went away) before the next step."""
         keep_requests = [r.rid != rid for r in self._requests]
         keep_rows = [k for r, k in zip(self._requests, keep_requests, strict=True) for _ in range(r.rows)]
-        self._select(torch.tensor(keep_rows, dtype=torch.bool, device=self._mask.device), keep_requests)
+        self._select(torch.tensor(keep_rows, dtype=torch.bool, device=self.llm.device), keep_requests)
 
     def _advance(self, request: _Request, token: int) -> Generation | None:
         """Append the token; the Generation if it ended the request (EOS, a stop string or the length)."""
@@ -177,32 +176,18 @@ class ContinuousDecoder:
         return Generation(text.strip(), request.tokens, request.reason, request.prompt_tokens)
 
     def _select(self, rows: torch.Tensor, requests: list[bool]) -> None:
-        """Keep the given rows (R,) and requests; drop cache columns no row needs any more."""
+        """Keep the given rows (R,) and requests."""
         if all(requests):  # nobody left: no copy of the cache
             return
         self._requests = [r for r, k in zip(self._requests, requests, strict=True) if k]
-        self._mask, self._next_pos, self._logits = self._mask[rows], self._next_pos[rows], self._logits[rows]
-        self._keys = [k[rows] for k in self._keys]
-        self._values = [v[rows] for v in self._values]
-        if self._mask.numel():
-            start = int((self._mask.sum(0) > 0).long().argmax())  # first column some row attends to
-            if start:
-                self._mask = self._mask[:, start:]
-                self._keys = [k[:, :, start:] for k in self._keys]
-                self._values = [v[:, :, start:] for v in self._values]
+        self._logits = self._logits[rows]
+        self._store.keep(rows)
 
     def _forward(self, tokens: list[int]) -> None:
         """One decode step of every running row: logits (R, V) for the next choice."""
         ids = torch.tensor([t for r, t in zip(self._requests, tokens, strict=True) for _ in range(r.rows)],
-                           device=self._mask.device)[:, None]  # (R, 1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(self.rows, 1)], dim=1)  # (R, T+1)
-        cache = KVPrefix(self._keys, self._values).to_cache(self.llm.model.config)
-        logits = self.llm.model(input_ids=ids, attention_mask=self._mask, position_ids=self._next_pos[:, None],
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        self._keys = [layer.keys for layer in cache.layers]  # (R, H_kv, T+1, hd)
-        self._values = [layer.values for layer in cache.layers]
-        self._next_pos = self._next_pos + 1
-        self._logits = logits
+                           device=self.llm.device)[:, None]  # (R, 1)
+        self._logits = self._store.forward(ids)
 
 
 def _zeros_like(prefix: KVPrefix) -> KVPrefix:
@@ -213,15 +198,3 @@ def _stack(prefixes: list[KVPrefix]) -> KVPrefix:
     """Prefixes of batch 1 and one length → one prefix of their batch."""
     return KVPrefix([torch.cat(ks) for ks in zip(*(p.keys for p in prefixes), strict=True)],
                     [torch.cat(vs) for vs in zip(*(p.values for p in prefixes), strict=True)])
-
-
-def _stack_left_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows of a then rows of b, each right-aligned in the longer one's columns with zeros in front (masked
-    columns): (R, H_kv, t, hd) and (r, H_kv, t', hd) → (R+r, H_kv, T, hd), or masks (R, t), (r, t') → (R+r, T).
-    One copy of each (padding then concatenating copies the running cache twice)."""
-    col = 2 if a.dim() == 4 else 1
-    T = max(a.shape[col], b.shape[col])
-    out = a.new_zeros(a.shape[0] + b.shape[0], *a.shape[1:col], T, *a.shape[col + 1 :])
-    out[: a.shape[0]].narrow(col, T - a.shape[col], a.shape[col]).copy_(a)
-    out[a.shape[0] :].narrow(col, T - b.shape[col], b.shape[col]).copy_(b)
-    return out

@@ -22,6 +22,7 @@ from service.models.prefix import KVPrefix
 
 if TYPE_CHECKING:
     from service.models.vllm_llm import VLLMDecoder
+    from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,16 @@ class Ticket:
             if done is not None:
                 return done
         raise ModelError("the decode loop ended without an answer")
+
+
+def continuous_decoder(llm: HFCausalLM, settings: Settings) -> ContinuousDecoder:
+    """The HF continuous decoder as the settings ask: its store ("auto": the slab on CUDA, where a step can
+    be a CUDA graph; the growing tensors elsewhere) and its graphs."""
+    store = settings.decode_store
+    if store == "auto":
+        store = "slab" if llm.device.type == "cuda" else "growing"
+    return ContinuousDecoder(llm, settings.max_decode_rows, store=store, slab_columns=settings.decode_slab_columns,
+                             cuda_graphs=settings.cuda_graphs)
 
 
 class DecodeLoop:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from service.models.kv_slab import GrowingRows, KVSlab
 from service.models.llm import GenerationConfig
-from service.runtime.decode_loop import DecodeLoop
+from service.runtime.decode_loop import DecodeLoop, continuous_decoder
+from service.settings import Settings
 from tests.conftest import tiny_llama
 
 
@@ -17,12 +21,22 @@ async def _until(condition, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def test_a_question_joins_while_another_decodes_and_both_answer_as_alone(bpe_tokenizer):
+def test_the_settings_choose_the_decode_store(bpe_tokenizer):
+    llm = tiny_llama(bpe_tokenizer)
+    assert isinstance(continuous_decoder(llm, Settings())._store, GrowingRows)  # auto on a CPU
+    slab = continuous_decoder(llm, Settings(decode_store="slab", decode_slab_columns=40, max_decode_rows=6))._store
+    assert isinstance(slab, KVSlab) and slab.columns == 40 and slab.max_rows == 6
+    assert not slab.graphs  # CUDA graphs only on CUDA
+
+
+@pytest.mark.parametrize("store", ["growing", "slab"])
+def test_a_question_joins_while_another_decodes_and_both_answer_as_alone(bpe_tokenizer, store):
     llm = tiny_llama(bpe_tokenizer)
     long, short = GenerationConfig(max_new_tokens=40), GenerationConfig(max_new_tokens=4)
+    settings = Settings(decode_store=store, decode_slab_columns=16, max_decode_rows=8)
 
     async def main():
-        loop = DecodeLoop(llm, max_rows=8).start()
+        loop = DecodeLoop(llm, decoder=continuous_decoder(llm, settings)).start()
         try:
             a = loop.submit("The Varn river rose", None, long)
             a_tokens = []
