@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.models.continuous import ContinuousDecoder
 from service.models.llm import GenerationConfig
@@ -104,6 +105,36 @@ def test_a_slab_moves_its_running_rows_left_instead_of_growing_when_columns_run_
 def test_the_store_must_be_growing_or_slab(llm):
     with pytest.raises(ValueError, match="store must be"):
         ContinuousDecoder(llm, store="paged")
+
+
+class _Ops(TorchDispatchMode):
+    """Records the aten ops run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read a tensor's value on the host (a device sync; forbidden while a CUDA graph is captured) or
+# whose output shape depends on values (a graph replays fixed shapes).
+HOST_READS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
+              "aten.masked_select", "aten.unique", "aten._unique2"}
+
+
+def test_a_slab_step_reads_no_value_on_the_host_so_a_cuda_graph_can_capture_it(llm):
+    """What CI can check of graph capture without a GPU: the step a graph captures (model forward on the
+    slab, the written column given as a tensor) never syncs with the host nor changes shape with values."""
+    decoder = ContinuousDecoder(llm, store="slab", slab_columns=32)
+    decoder.add(PROMPTS[0], _prefix(llm, 0), GenerationConfig(max_new_tokens=4, alpha=0.5))
+    decoder.step()
+    with torch.inference_mode(), _Ops() as ops:
+        decoder._store._step(2)
+    assert "aten.index_copy_" in ops.names  # the new key/value went into the slab
+    assert not ops.names & HOST_READS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
