@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session in one command, once bench/gpu/stage.sh's parts are in /root/stage. Writes under $OUT:
+#   cuda-tests.txt the CUDA tests (CUDA graph decode steps = eager ones, prefix exactness); CUDA_TESTS=0 skips
 #   gpu.json       bench/bench_gpu.py: ingest path vs raw bf16 forward vs FLOP ceiling, decode ms/token vs the
 #                  HBM limit, CMT vs RAG at 7B shape (issue 14)
 #   run/, ckpt/    the memory path trained against the frozen SmolLM2 in bf16 with distillation from the same LLM
@@ -27,6 +28,12 @@ if [ -n "$STAGE" ] && [ ! -f $SITE/.installed ]; then
 fi
 export PYTHONPATH=$SITE:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv" || true
+# the tests that run on CUDA when there is one (CUDA graphs vs eager decode steps, prefix exactness): ~1 min
+if [ "$DEVICE" = cuda ] && [ "${CUDA_TESTS:-1}" = 1 ]; then
+  $PY -m pytest -q -p no:cacheprovider tests/service/models/test_continuous.py tests/service/models/test_prefix_exactness.py \
+    > "$OUT/cuda-tests.txt" 2>&1 || true
+  tail -n 5 "$OUT/cuda-tests.txt"
+fi
 SECTIONS=${SECTIONS-ingest,decode,rag}
 if [ -n "$SECTIONS" ]; then
   $PY bench/bench_gpu.py --device "$DEVICE" --sections "$SECTIONS" --out "$OUT/gpu.json" 2>&1 | tail -n 20

@@ -137,6 +137,9 @@ class KVSlab:
         self._keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L.num_layers)]
         self._values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(L.num_layers)]
         self._valid = torch.zeros(self.max_rows, columns, dtype=torch.bool, device=device)  # (R_cap, T_cap)
+        size = sum(t.numel() * t.element_size() for t in self._keys + self._values)
+        log.info("decode slab: %d rows x %d columns, %.0f MiB on %s (CMT_MAX_DECODE_ROWS, CMT_DECODE_SLAB_COLUMNS)",
+                 self.max_rows, columns, size / 2**20, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor] | None] = {}
         self._pool = None
 
