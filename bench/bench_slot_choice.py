@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -41,12 +42,14 @@ from trainer.scoring import aggregate  # noqa: E402
 BATCH = 16
 
 
-def variant(modules: CMTModules, layout, stored: int, picks: int, read: int, width: float) -> CMTModules:
+def variant(modules: CMTModules, layout, stored: int, picks: int, read: int, width: float, pull: str = "nearest",
+            own_weight: float | None = None) -> CMTModules:
     """The trained modules storing `stored` slots of `picks` token picks, each question reading `read`."""
     c, a = modules.config.compressor, modules.config.aggregator
+    own = a.select_own_weight if own_weight is None else own_weight
     config = CMTConfig(
         dataclasses.replace(c, num_memory_tokens=stored, stored_picks=picks),
-        dataclasses.replace(a, select_slots=read, select_width=width),
+        dataclasses.replace(a, select_slots=read, select_width=width, select_pull=pull, select_own_weight=own),
         modules.config.aligner,
     )
     theta = modules.compressor  # the variant shares its frozen backbone and key encoder
@@ -85,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--picks", default="1,8", help="token picks m per stored slot")
     parser.add_argument("--widths", default="16,32", help="select_width values")
     parser.add_argument("--read", type=int, default=0, help="slots each question reads (0 = the checkpoint's)")
+    parser.add_argument("--pulls", default="nearest", help="select_pull values: nearest, sum")
+    parser.add_argument("--own-weights", default="", help="select_own_weight values (default: the checkpoint's)")
+    parser.add_argument("--skip-checkpoint-row", action="store_true", help="no row for the checkpoint as it is")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -101,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     plain = {"stored": base.num_memory_tokens, "picks": base.stored_picks, "read": modules.config.slots_read,
              "width": modules.config.aggregator.select_width if modules.config.aggregator.select_slots else None}
-    rows.append({**plain, **scores(modules, llm, exs, profile)})
-    print(rows[-1], flush=True)
-    for stored in map(int, args.stored.split(",")):
-        for picks in map(int, args.picks.split(",")):
-            for width in map(float, args.widths.split(",")):
-                chosen = variant(modules, llm.layout, stored, picks, read, width)
-                rows.append({"stored": stored, "picks": picks, "read": read, "width": width,
-                             **scores(chosen, llm, exs, profile)})
-                print(rows[-1], flush=True)
+    if not args.skip_checkpoint_row:
+        rows.append({**plain, **scores(modules, llm, exs, profile)})
+        print(rows[-1], flush=True)
+    owns = [float(w) for w in args.own_weights.split(",") if w] or [modules.config.aggregator.select_own_weight]
+    grid = itertools.product(map(int, args.stored.split(",")), map(int, args.picks.split(",")),
+                             map(float, args.widths.split(",")), args.pulls.split(","), owns)
+    for stored, picks, width, pull, own in grid:
+        chosen = variant(modules, llm.layout, stored, picks, read, width, pull, own)
+        rows.append({"stored": stored, "picks": picks, "read": read, "width": width, "pull": pull, "own_weight": own,
+                     **scores(chosen, llm, exs, profile)})
+        print(rows[-1], flush=True)
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": len(exs),
               "gold_document_forced": True, "seconds": time.perf_counter() - start,
               "command": "python bench/bench_slot_choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -55,15 +55,14 @@ def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[st
 
 
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
-          select_slots: int | None = None, **fields: object) -> Path:
+          select: dict[str, object] | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
-    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...) and ψ's select_slots changed,
-    the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained
-    salience included)."""
+    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...) and ψ's slot-selection fields
+    `select` (select_slots, select_pull, select_own_weight, select_width: no weights) changed, the lexical
+    key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience included)."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
     cmt = modules.config
-    aggregator = cmt.aggregator if select_slots is None else dataclasses.replace(cmt.aggregator,
-                                                                                 select_slots=select_slots)
+    aggregator = dataclasses.replace(cmt.aggregator, **(select or {}))
     new_config = CMTConfig(dataclasses.replace(cmt.compressor, **fields), aggregator, cmt.aligner)
     if new_config.slots_read != cmt.slots_read:
         raise ValueError(f"ψ and π were trained to read {cmt.slots_read} slots per document, the new settings make "
@@ -98,13 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-memory-tokens", type=int,
                         help="CompressorConfig.num_memory_tokens, stored slots of a token pool (default: the source's)")
     parser.add_argument("--select-slots", type=int, help="AggregatorConfig.select_slots (default: the source's)")
+    parser.add_argument("--select-pull", choices=["nearest", "sum"],
+                        help="AggregatorConfig.select_pull (default: the source's)")
+    parser.add_argument("--select-own-weight", type=float,
+                        help="AggregatorConfig.select_own_weight (default: the source's)")
+    parser.add_argument("--select-width", type=float, help="AggregatorConfig.select_width (default: the source's)")
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
     args = parser.parse_args(argv)
     given = {"key_encoder": args.key_encoder, "key_dim": args.key_dim, "lexical_key_weight": args.lexical_key_weight,
              "stored_picks": args.stored_picks, "num_memory_tokens": args.num_memory_tokens}
     fields = {name: value for name, value in given.items() if value is not None}
+    select = {"select_slots": args.select_slots, "select_pull": args.select_pull,
+              "select_own_weight": args.select_own_weight, "select_width": args.select_width}
     out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data),
-                select_slots=args.select_slots, **fields)
+                select={name: value for name, value in select.items() if value is not None}, **fields)
     print(f"{out}: written with {fields or 'the same compressor fields'}")
     return 0
 

@@ -175,6 +175,10 @@ class AggregatorConfig:
     """select_slots: weight of a slot's own salience next to its nearness to the question's tokens."""
     select_min_salience: float = 2.0
     """select_slots: question tokens below this salience (Θ's token pool, IDF-like) are not looked for."""
+    select_pull: str = "nearest"
+    """select_slots: how the question tokens a document holds pull on a slot: "nearest" = the strongest single
+    one, decayed by its distance; "sum" = all of them, each decayed, so a stretch holding many of the
+    question's words wins (where answers are: the sliding-window baseline of the SQuAD paper)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
@@ -185,6 +189,9 @@ class AggregatorConfig:
         if not (self.select_width > 0 and self.select_own_weight >= 0 and math.isfinite(self.select_min_salience)):
             raise InvalidInputError("AggregatorConfig.select_width must be > 0, select_own_weight >= 0 and "
                                     "select_min_salience finite")
+        if self.select_pull not in ("nearest", "sum"):
+            raise InvalidInputError(
+                f'AggregatorConfig.select_pull must be "nearest" or "sum", got {self.select_pull!r}')
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
         if self.queries not in ("question", "memories"):

@@ -12,7 +12,8 @@ memory path, gold document forced, 160 questions: 32 stretch slots F1 9.8, the b
 slots chosen this way 20.9 (bench/bench_slot_choice.py).
 
 A slot's score: the salience of the question's tokens it holds or its neighbours hold, decaying as
-1 / (1 + distance / width) in slots, plus `own_weight` × its own salience (a rare token near nothing
+1 / (1 + distance / width) in slots (the nearest such token, or the sum over all of them: `select_pull`),
+plus `own_weight` × its own salience (a rare token near nothing
 asked is still worth more than a common one). Question tokens count only above `min_salience` (not
 "the", "what"). Slots next to each other on the same token (a text shorter than k repeats its tokens)
 count once. With several documents (top-k > 1) the best p slots among all of theirs are read, as one
@@ -39,16 +40,18 @@ def question_tokens(token_ids: Sequence[Sequence[int]], salience: torch.Tensor, 
 
 def slot_scores(
     asked: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, salience: torch.Tensor, width: float,
-    own_weight: float,
+    own_weight: float, pull: str = "nearest",
 ) -> torch.Tensor:
-    """asked (B, V), ids (B, K, k, m), weights (B, K, k, m), salience (V,) → scores (B, K, k)."""
+    """asked (B, V), ids (B, K, k, m), weights (B, K, k, m), salience (V,) → scores (B, K, k). `pull`:
+    "nearest" = the strongest single question-token match seen from a slot, "sum" = all of them."""
     B, K, k, m = ids.shape
     held = weights.float() * salience[ids]  # (B, K, k, m) salience each pick carries
     hit = asked.gather(1, ids.reshape(B, -1)).view(B, K, k, m)  # (B, K, k, m) pick is a question token
     match = (held * hit).sum(-1)  # (B, K, k)
     pos = torch.arange(k, device=ids.device, dtype=torch.float32)  # (k,)
     decay = 1.0 / (1.0 + (pos[:, None] - pos[None, :]).abs() / width)  # (k, k)
-    near = (match[..., None, :] * decay).amax(-1)  # (B, K, k) best match seen from each slot
+    pulls = match[..., None, :] * decay  # (B, K, k, k) each match's pull on each slot
+    near = pulls.amax(-1) if pull == "nearest" else pulls.sum(-1)  # (B, K, k)
     scores = near + own_weight * held.sum(-1)  # (B, K, k)
     top = ids[..., 0]  # (B, K, k) each slot's heaviest pick (picks are stored heaviest first)
     repeat = torch.zeros_like(top, dtype=torch.bool)

@@ -98,3 +98,17 @@ def test_rekey_refuses_more_stored_slots_that_psi_and_pi_would_all_read(make_mod
     with pytest.raises(ValueError, match="select_slots=4"):
         rekey(tmp_path / "trained", tmp_path / "wide", llm, paragraphs[:50], dtype=torch.float32,
               stored_picks=2, num_memory_tokens=8)
+
+
+def test_rekey_sets_how_questions_choose_their_slots_without_touching_a_weight(make_modules, bpe_tokenizer,
+                                                                              paragraphs, tmp_path):
+    llm = tiny_llama(bpe_tokenizer)
+    modules = _trained_token_pool(make_modules, llm, paragraphs)
+    save_checkpoint(tmp_path / "trained", modules, llm.identity)
+    select = {"select_slots": 4, "select_pull": "sum", "select_own_weight": 0.0, "queries": "memories"}
+    out = rekey(tmp_path / "trained", tmp_path / "sum", llm, paragraphs[:50], dtype=torch.float32, select=select,
+                stored_picks=2, num_memory_tokens=8)
+    new, _ = load_checkpoint(out, llm.identity, llm.layout)
+    a = new.config.aggregator
+    assert (a.select_slots, a.select_pull, a.select_own_weight) == (4, "sum", 0.0)
+    assert torch.equal(new.compressor.token_pool.token_salience, modules.compressor.token_pool.token_salience)

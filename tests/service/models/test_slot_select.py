@@ -45,6 +45,17 @@ def test_a_run_of_slots_on_the_same_token_counts_once():
     assert slots[0].tolist() == [0, 3, 4]
 
 
+def test_summed_pull_prefers_the_stretch_holding_more_of_the_question_over_one_rarer_match():
+    # slot 2 holds the question's rarest token (salience 9.8) alone; slots 10, 12, 14 hold three others (6.0-6.4)
+    doc = [5, 6, 49, 7, 8, 9, 10, 11, 12, 13, 30, 14, 31, 15, 32, 16]
+    ids, weights = _one_doc(doc)
+    asked = question_tokens([[49, 30, 31, 32]], SALIENCE, min_salience=2.0)
+    nearest = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=4.0, own_weight=0.0), 1)
+    summed = select_slots(slot_scores(asked, ids, weights, SALIENCE, width=4.0, own_weight=0.0, pull="sum"), 1)
+    assert nearest[0].tolist() == [2]  # the single strongest match
+    assert summed[0].tolist() == [12]  # amid the three: each of them pulls on it
+
+
 def test_slot_selection_settings_are_checked():
     pooled = CompressorConfig(memory_values="token_embeddings", num_memory_tokens=8, stored_picks=4)
     with pytest.raises(InvalidInputError, match='queries="memories"'):
@@ -55,6 +66,8 @@ def test_slot_selection_settings_are_checked():
         CMTConfig(pooled, AggregatorConfig(select_slots=9, queries="memories"))
     with pytest.raises(InvalidInputError, match="stored_picks needs"):
         CompressorConfig(stored_picks=4)
+    with pytest.raises(InvalidInputError, match="select_pull"):
+        AggregatorConfig(select_pull="max")
     assert CMTConfig(pooled, AggregatorConfig(select_slots=4, queries="memories")).slots_read == 4
     assert CMTConfig(pooled).slots_read == 8
 
