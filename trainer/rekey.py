@@ -73,8 +73,13 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
             raise ValueError("stored_picks needs a token pool without a map of states; this checkpoint's "
                              "token_pool.state_proj was trained away from zero: train it with stored_picks instead")
     rekeyed = CMTModules.build(new_config, llm.layout)
-    carry_trained_weights(modules, rekeyed, skip=("key_proj.", "lexical_key."))
-    rekeyed.compressor.fit_lexical_idf(texts, token_pool=False)
+    if fields:
+        carry_trained_weights(modules, rekeyed, skip=("key_proj.", "lexical_key."))
+        rekeyed.compressor.fit_lexical_idf(texts, token_pool=False)
+    else:  # only ψ's selection changed: Θ's file stays byte for byte (its unused soft tokens too), so its
+        # compressor version and the memories stored under it stay valid
+        carry_trained_weights(modules, rekeyed)
+        rekeyed.compressor.load_state_dict(modules.compressor.trainable_state_dict(), strict=False)
     metrics = {**config.get("metrics", {}), "rekeyed_from": config["compressor_version"]}
     save_checkpoint(target, rekeyed, llm.identity, metrics, prompt_profile=checkpoint_profile(config), dtype=dtype)
     for extra in sorted(source.iterdir()):  # training log, README: they describe the same trained weights
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     fields = {name: value for name, value in given.items() if value is not None}
     select = {"select_slots": args.select_slots, "select_pull": args.select_pull,
               "select_own_weight": args.select_own_weight, "select_width": args.select_width}
-    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), idf_texts(args.idf_data),
+    texts = idf_texts(args.idf_data) if fields else []
+    out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), texts,
                 select={name: value for name, value in select.items() if value is not None}, **fields)
     print(f"{out}: written with {fields or 'the same compressor fields'}")
     return 0

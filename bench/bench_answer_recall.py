@@ -1,0 +1,99 @@
+"""Do the slots a question reads hold its answer? Gold document forced, no LLM: for each question, whether
+every token of a gold answer is among the document's stored token picks, and among the p slots the question
+chooses, for each slot-selection rule (AggregatorConfig.select_pull × select_own_weight × select_width).
+A cheap proxy for bench_slot_choice.py's answers: a slot rule is worth its LLM run when it holds more answers.
+
+    .venv/bin/python bench/bench_answer_recall.py --checkpoint models/smollm2-135m-instruct \\
+        [--questions 300] [--pulls nearest,sum] [--own-weights 0,0.3] [--widths 8,16,32]
+
+writes bench/results/answer-recall-<data>-<split>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_memory_use import examples  # noqa: E402
+
+from service.models.checkpoint import load_checkpoint  # noqa: E402
+from service.models.llm import HFCausalLM  # noqa: E402
+from service.models.slot_select import question_tokens, select_slots, slot_scores  # noqa: E402
+from trainer.data import load_split  # noqa: E402
+
+BATCH = 16
+
+
+def answer_token_ids(tokenizer, answers: list[str]) -> list[list[int]]:
+    """Each gold answer as the tokens it is inside a text (after a space) and at its start."""
+    texts = [prefix + a.strip() for a in answers for prefix in (" ", "")]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def holds(tokens: set[int], answers: list[list[int]]) -> bool:
+    return any(ids and all(t in tokens for t in ids) for ids in answers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint storing token picks")
+    parser.add_argument("--llm", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="squad")
+    parser.add_argument("--split", default="valid")
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--pulls", default="nearest,sum")
+    parser.add_argument("--own-weights", default="0,0.3")
+    parser.add_argument("--widths", default="8,16,32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    llm = HFCausalLM.from_pretrained(args.llm)
+    modules, _ = load_checkpoint(args.checkpoint, llm.identity, llm.layout)
+    a, theta = modules.config.aggregator, modules.compressor
+    if not (a.select_slots and theta.token_pool is not None):
+        parser.error(f"{args.checkpoint} does not store token picks read by select_slots")
+    salience = theta.token_pool.token_salience.detach()  # (V,)
+    exs = examples(load_split(args.data, args.split))[: args.questions]
+    rules = list(itertools.product(args.pulls.split(","), map(float, args.own_weights.split(",")),
+                                   map(float, args.widths.split(","))))
+    chosen_hits, stored_hits = dict.fromkeys(rules, 0), 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(exs), BATCH):
+            part = exs[i : i + BATCH]
+            ids, weights = theta.compress([e.document for e in part]).picks  # (b, k, m)
+            ids, weights = ids[:, None], weights[:, None]  # (b, 1, k, m): one document each
+            asked = question_tokens(theta.tokenizer([e.question for e in part], add_special_tokens=False)["input_ids"],
+                                    salience, a.select_min_salience)  # (b, V)
+            answers = [answer_token_ids(theta.tokenizer, e.answers) for e in part]
+            heaviest = ids[:, 0, :, 0].tolist()  # (b, k) each slot's heaviest pick
+            stored_hits += sum(holds(set(h), ans) for h, ans in zip(heaviest, answers, strict=True))
+            for rule in rules:
+                pull, own, width = rule
+                slots = select_slots(slot_scores(asked, ids, weights, salience, width, own, pull), a.select_slots)
+                for h, ans, s in zip(heaviest, answers, slots.tolist(), strict=True):
+                    chosen_hits[rule] += holds({h[j] for j in s}, ans)
+    n = len(exs)
+    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n,
+              "gold_document_forced": True, "slots_read": a.select_slots, "seconds": time.perf_counter() - start,
+              "command": "python bench/bench_answer_recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "answer_in_stored_slots": 100 * stored_hits / n,
+              "answer_in_chosen_slots": [{"pull": p, "own_weight": o, "width": w, "percent": 100 * h / n}
+                                         for (p, o, w), h in chosen_hits.items()]}
+    print(json.dumps(report, indent=1), flush=True)  # noqa: T201
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"answer-recall-{args.data}-{args.split}.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
