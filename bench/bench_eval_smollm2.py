@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         split, questions, name, title = RUNS[data]
         t1 = time.perf_counter()
         report = run_evaluation(
-            llm, ckpts[data], load_split(data, split), ablations=dict(a.split("=", 1) for a in args.ablation),
+            llm, ckpts[data], load_split(data, split), ablations=dict(a.rsplit("=", 1) for a in args.ablation),
             max_questions=questions if args.max_questions is None else args.max_questions,
             retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
             prompt_profile=args.prompt_profile, cache_dir=args.cache_dir, batch_size=args.batch_size,

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     exs = examples(docs)[: args.max_questions or None]
     if args.llm:
         llm = HFCausalLM.from_pretrained(args.llm, device=args.device)
-        ablations = dict(a.split("=", 1) for a in args.ablation)
+        ablations = dict(a.rsplit("=", 1) for a in args.ablation)
         report = run_evaluation(llm, args.checkpoint, docs, ablations=ablations, max_questions=args.max_questions,
                                 retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
                                 alpha=args.alpha, recency_margin=args.recency_margin, device=args.device,
