@@ -218,11 +218,11 @@ class KVSlab:
     def _step(self, bucket: int) -> torch.Tensor:
         """The model on the first `bucket` rows at column t: logits (R_b, V). What a graph captures."""
         cache = SlabCache([k[:bucket] for k in self._keys], [v[:bucket] for v in self._values], self._column)
+        # an additive mask, which eager and SDPA attention both take as is (0 = attend, the dtype's min = masked)
+        dtype = self.llm.model.dtype
         valid = self._valid[:bucket, None, None, :]  # (R_b, 1, 1, T_cap)
-        if self.llm.model.config._attn_implementation != "sdpa":  # eager attention adds its mask
-            valid = torch.zeros_like(valid, dtype=self.llm.model.dtype).masked_fill(
-                ~valid, torch.finfo(self.llm.model.dtype).min)
-        out = self.llm.model(input_ids=self._ids[:bucket], attention_mask=valid, position_ids=self._pos[:bucket],
+        mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)
+        out = self.llm.model(input_ids=self._ids[:bucket], attention_mask=mask, position_ids=self._pos[:bucket],
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
