@@ -29,9 +29,11 @@ def test_the_gpu_benchmark_runs_every_section_in_smoke_mode(tmp_path):
     assert ingest["bf16_vs_fp32"]["key_cosine_min"] >= 0.999  # the tolerance Settings.compress_dtype states
     assert set(ingest["targets"]) >= {"service_bf16_at_least_10000_docs_per_s", "key_cosine_at_least_0.999"}
     decode = result["decode"]["tiny-llama"]
-    assert decode["ms_per_token_batch_1"]["generate"] > 0 and decode["ms_per_token_batch_1"]["continuous"] > 0
+    assert set(decode["ms_per_token_batch_1"]) == {"generate", "continuous", "continuous_slab",
+                                                   "continuous_slab_cuda_graphs"}
+    assert decode["cuda_graphs_captured"] == []  # none on a CPU: the slab runs its steps eagerly
     assert decode["hbm_limit_ms_per_token"] > 0
     rag = result["rag"]
     assert rag["rag_prompt_tokens_mean"] > 300  # three paragraphs in the prompt
-    for row in ("cmt", "rag_top3", "bare"):
-        assert 0 < rag[row]["time_to_first_token_ms"] <= rag[row]["total_ms"] * 1.5
+    for row in ("cmt", "rag_top3", "bare"):  # timings only: one call each in smoke mode, so no order between them
+        assert rag[row]["time_to_first_token_ms"] > 0 and rag[row]["total_ms"] > 0
