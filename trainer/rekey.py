@@ -55,11 +55,12 @@ def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[st
 
 
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
-          select: dict[str, object] | None = None, **fields: object) -> Path:
+          select: dict[str, object] | None = None, alpha: float | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
-    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...) and ψ's slot-selection fields
-    `select` (select_slots, select_pull, select_own_weight, select_width: no weights) changed, the lexical
-    key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience included)."""
+    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...), ψ's slot-selection fields
+    `select` (select_slots, select_pull, select_own_weight, select_width: no weights) and the default α changed,
+    the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience
+    included)."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
     cmt = modules.config
     aggregator = dataclasses.replace(cmt.aggregator, **(select or {}))
@@ -81,6 +82,8 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
         carry_trained_weights(modules, rekeyed)
         rekeyed.compressor.load_state_dict(modules.compressor.trainable_state_dict(), strict=False)
     metrics = {**config.get("metrics", {}), "rekeyed_from": config["compressor_version"]}
+    if alpha is not None:  # the memory-aware decoding weight the service answers with by default
+        metrics["alpha"] = alpha
     save_checkpoint(target, rekeyed, llm.identity, metrics, prompt_profile=checkpoint_profile(config), dtype=dtype)
     for extra in sorted(source.iterdir()):  # training log, README: they describe the same trained weights
         if extra.is_file() and extra.name not in {*MODULE_FILES.values(), "config.json"}:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-own-weight", type=float,
                         help="AggregatorConfig.select_own_weight (default: the source's)")
     parser.add_argument("--select-width", type=float, help="AggregatorConfig.select_width (default: the source's)")
+    parser.add_argument("--alpha", type=float,
+                        help="the default memory-aware decoding weight α the service reads (default: the source's)")
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
     args = parser.parse_args(argv)
     given = {"key_encoder": args.key_encoder, "key_dim": args.key_dim, "lexical_key_weight": args.lexical_key_weight,
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
               "select_own_weight": args.select_own_weight, "select_width": args.select_width}
     texts = idf_texts(args.idf_data) if fields else []
     out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), texts,
-                select={name: value for name, value in select.items() if value is not None}, **fields)
+                select={name: value for name, value in select.items() if value is not None}, alpha=args.alpha,
+                **fields)
     print(f"{out}: written with {fields or 'the same compressor fields'}")
     return 0
 

@@ -66,7 +66,8 @@ def test_default_service_answers_real_paragraphs_as_the_offline_pipeline_does():
                 picks)
     profile = checkpoint_profile(config)
     offline = pipeline.answer(
-        [question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings)
+        [question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings,
+                                                      alpha=config["metrics"]["alpha"])  # the service's default α
     )[0]
     assert [s["id"] for s in served["sources"]] == offline.source_ids
     assert served["answer"] == offline.text
