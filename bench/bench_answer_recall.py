@@ -4,7 +4,8 @@ chooses, for each slot-selection rule (AggregatorConfig.select_pull × select_ow
 A cheap proxy for bench_slot_choice.py's answers: a slot rule is worth its LLM run when it holds more answers.
 
     .venv/bin/python bench/bench_answer_recall.py --checkpoint models/smollm2-135m-instruct \\
-        [--questions 300] [--pulls nearest,sum] [--own-weights 0,0.3] [--widths 8,16,32]
+        [--questions 300] [--pick-rules stretch,distinct] [--pulls nearest,sum] [--own-weights 0,0.3] \\
+        [--widths 8,16,32]
 
 writes bench/results/answer-recall-<data>-<split>.json.
 """
@@ -23,8 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_memory_use import examples  # noqa: E402
+from bench_slot_choice import variant  # noqa: E402
 
 from service.models.checkpoint import load_checkpoint  # noqa: E402
+from service.models.compressor import Compressor  # noqa: E402
+from service.models.config import AggregatorConfig  # noqa: E402
 from service.models.llm import HFCausalLM  # noqa: E402
 from service.models.slot_select import question_tokens, select_slots, slot_scores  # noqa: E402
 from trainer.data import load_split  # noqa: E402
@@ -42,6 +46,31 @@ def holds(tokens: set[int], answers: list[list[int]]) -> bool:
     return any(ids and all(t in tokens for t in ids) for ids in answers)
 
 
+@torch.inference_mode()
+def recall(theta: Compressor, a: AggregatorConfig, exs: list, rules: list[tuple[str, float, float]]) -> dict:
+    """% of questions whose whole answer is among the stored slots, and among the chosen ones per rule."""
+    salience = theta.token_pool.token_salience.detach()  # (V,)
+    chosen_hits, stored_hits = dict.fromkeys(rules, 0), 0
+    for i in range(0, len(exs), BATCH):
+        part = exs[i : i + BATCH]
+        ids, weights = theta.compress([e.document for e in part]).picks  # (b, k, m)
+        ids, weights = ids[:, None], weights[:, None]  # (b, 1, k, m): one document each
+        asked = question_tokens(theta.tokenizer([e.question for e in part], add_special_tokens=False)["input_ids"],
+                                salience, a.select_min_salience)  # (b, V)
+        answers = [answer_token_ids(theta.tokenizer, e.answers) for e in part]
+        heaviest = ids[:, 0, :, 0].tolist()  # (b, k) each slot's heaviest pick
+        stored_hits += sum(holds(set(h), ans) for h, ans in zip(heaviest, answers, strict=True))
+        for rule in rules:
+            pull, own, width = rule
+            slots = select_slots(slot_scores(asked, ids, weights, salience, width, own, pull), a.select_slots)
+            for h, ans, s in zip(heaviest, answers, slots.tolist(), strict=True):
+                chosen_hits[rule] += holds({h[j] for j in s}, ans)
+    n = len(exs)
+    return {"answer_in_stored_slots": 100 * stored_hits / n,
+            "answer_in_chosen_slots": [{"pull": p, "own_weight": o, "width": w, "percent": 100 * h / n}
+                                       for (p, o, w), h in chosen_hits.items()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint storing token picks")
@@ -52,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pulls", default="nearest,sum")
     parser.add_argument("--own-weights", default="0,0.3")
     parser.add_argument("--widths", default="8,16,32")
+    parser.add_argument("--pick-rules", default="",
+                        help="CompressorConfig.pick_rule values: stretch, distinct (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -61,34 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     a, theta = modules.config.aggregator, modules.compressor
     if not (a.select_slots and theta.token_pool is not None):
         parser.error(f"{args.checkpoint} does not store token picks read by select_slots")
-    salience = theta.token_pool.token_salience.detach()  # (V,)
     exs = examples(load_split(args.data, args.split))[: args.questions]
     rules = list(itertools.product(args.pulls.split(","), map(float, args.own_weights.split(",")),
                                    map(float, args.widths.split(","))))
-    chosen_hits, stored_hits = dict.fromkeys(rules, 0), 0
     start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(exs), BATCH):
-            part = exs[i : i + BATCH]
-            ids, weights = theta.compress([e.document for e in part]).picks  # (b, k, m)
-            ids, weights = ids[:, None], weights[:, None]  # (b, 1, k, m): one document each
-            asked = question_tokens(theta.tokenizer([e.question for e in part], add_special_tokens=False)["input_ids"],
-                                    salience, a.select_min_salience)  # (b, V)
-            answers = [answer_token_ids(theta.tokenizer, e.answers) for e in part]
-            heaviest = ids[:, 0, :, 0].tolist()  # (b, k) each slot's heaviest pick
-            stored_hits += sum(holds(set(h), ans) for h, ans in zip(heaviest, answers, strict=True))
-            for rule in rules:
-                pull, own, width = rule
-                slots = select_slots(slot_scores(asked, ids, weights, salience, width, own, pull), a.select_slots)
-                for h, ans, s in zip(heaviest, answers, slots.tolist(), strict=True):
-                    chosen_hits[rule] += holds({h[j] for j in s}, ans)
-    n = len(exs)
-    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": n,
-              "gold_document_forced": True, "slots_read": a.select_slots, "seconds": time.perf_counter() - start,
+    per_rule = []
+    for pick_rule in args.pick_rules.split(",") if args.pick_rules else [theta.config.pick_rule]:
+        c = modules.config.compressor
+        stored = variant(modules, llm.layout, c.num_memory_tokens, c.stored_picks, a.select_slots, a.select_width,
+                         a.select_pull, a.select_own_weight, pick_rule).compressor
+        per_rule.append({"pick_rule": pick_rule, **recall(stored, a, exs, rules)})
+    report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": len(exs),
+              "gold_document_forced": True, "stored_slots": modules.config.compressor.num_memory_tokens,
+              "slots_read": a.select_slots, "seconds": time.perf_counter() - start,
               "command": "python bench/bench_answer_recall.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "answer_in_stored_slots": 100 * stored_hits / n,
-              "answer_in_chosen_slots": [{"pull": p, "own_weight": o, "width": w, "percent": 100 * h / n}
-                                         for (p, o, w), h in chosen_hits.items()]}
+              "pick_rules": per_rule}
     print(json.dumps(report, indent=1), flush=True)  # noqa: T201
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"answer-recall-{args.data}-{args.split}.json").write_text(json.dumps(report, indent=2))

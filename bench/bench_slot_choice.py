@@ -8,7 +8,8 @@ retrieval), SmolLM2 answering through the real memory path (ψ, π, the checkpoi
 No training: the token pool has no per-slot weights, so the trained pool stores any number of slots.
 
     .venv/bin/python bench/bench_slot_choice.py --checkpoint models/smollm2-135m-instruct \\
-        [--data squad --split valid --questions 160 --stored 160,256 --picks 1,8 --widths 16,32]
+        [--data squad --split valid --questions 160 --stored 160,256 --picks 1,8 --widths 16,32] \\
+        [--pick-rules stretch,distinct]
 
 writes bench/results/slot-choice-<data>-<split>.json.
 """
@@ -43,12 +44,13 @@ BATCH = 16
 
 
 def variant(modules: CMTModules, layout, stored: int, picks: int, read: int, width: float, pull: str = "nearest",
-            own_weight: float | None = None) -> CMTModules:
-    """The trained modules storing `stored` slots of `picks` token picks, each question reading `read`."""
+            own_weight: float | None = None, pick_rule: str | None = None) -> CMTModules:
+    """The trained modules storing `stored` slots of `picks` token picks chosen by `pick_rule`, each question
+    reading `read`."""
     c, a = modules.config.compressor, modules.config.aggregator
     own = a.select_own_weight if own_weight is None else own_weight
     config = CMTConfig(
-        dataclasses.replace(c, num_memory_tokens=stored, stored_picks=picks),
+        dataclasses.replace(c, num_memory_tokens=stored, stored_picks=picks, pick_rule=pick_rule or c.pick_rule),
         dataclasses.replace(a, select_slots=read, select_width=width, select_pull=pull, select_own_weight=own),
         modules.config.aligner,
     )
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read", type=int, default=0, help="slots each question reads (0 = the checkpoint's)")
     parser.add_argument("--pulls", default="nearest", help="select_pull values: nearest, sum")
     parser.add_argument("--own-weights", default="", help="select_own_weight values (default: the checkpoint's)")
+    parser.add_argument("--pick-rules", default="", help="CompressorConfig.pick_rule values: stretch, distinct "
+                        "(distinct needs --picks 1; default: the checkpoint's)")
     parser.add_argument("--skip-checkpoint-row", action="store_true", help="no row for the checkpoint as it is")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -111,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**plain, **scores(modules, llm, exs, profile)})
         print(rows[-1], flush=True)
     owns = [float(w) for w in args.own_weights.split(",") if w] or [modules.config.aggregator.select_own_weight]
+    pick_rules = args.pick_rules.split(",") if args.pick_rules else [base.pick_rule]
     grid = itertools.product(map(int, args.stored.split(",")), map(int, args.picks.split(",")),
-                             map(float, args.widths.split(",")), args.pulls.split(","), owns)
-    for stored, picks, width, pull, own in grid:
-        chosen = variant(modules, llm.layout, stored, picks, read, width, pull, own)
-        rows.append({"stored": stored, "picks": picks, "read": read, "width": width, "pull": pull, "own_weight": own,
-                     **scores(chosen, llm, exs, profile)})
+                             map(float, args.widths.split(",")), args.pulls.split(","), owns, pick_rules)
+    for stored, picks, width, pull, own, pick_rule in grid:
+        chosen = variant(modules, llm.layout, stored, picks, read, width, pull, own, pick_rule)
+        rows.append({"stored": stored, "picks": picks, "pick_rule": pick_rule, "read": read, "width": width,
+                     "pull": pull, "own_weight": own, **scores(chosen, llm, exs, profile)})
         print(rows[-1], flush=True)
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": len(exs),
               "gold_document_forced": True, "seconds": time.perf_counter() - start,

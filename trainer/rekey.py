@@ -42,8 +42,9 @@ def idf_texts(source: str) -> list[str]:
 def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[str, ...] = ()) -> None:
     """Load source's trained Θ (less the `skip` prefixes), ψ and π into target, built with other settings;
     raises if target has a trained Θ weight that source cannot fill. A token pool has no per-slot weights,
-    so its (unused) soft tokens are not carried: the same pool stores any number of slots."""
-    if source.compressor.token_pool is not None:
+    so its (unused) soft tokens are carried only when k stays: the same pool stores any number of slots."""
+    if source.compressor.token_pool is not None and source.compressor.soft_tokens.shape != \
+            target.compressor.soft_tokens.shape:
         skip += ("soft_tokens",)  # (k, d_m)
     kept = {n: t for n, t in source.compressor.trainable_state_dict().items() if not n.startswith(skip)}
     missing, _ = target.compressor.load_state_dict(kept, strict=False)
@@ -57,7 +58,7 @@ def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[st
 def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: torch.dtype = torch.float16,
           select: dict[str, object] | None = None, alpha: float | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
-    lexical_key_weight, stored_picks, num_memory_tokens of a token pool...), ψ's slot-selection fields
+    lexical_key_weight, stored_picks, num_memory_tokens and pick_rule of a token pool...), ψ's slot-selection fields
     `select` (select_slots, select_pull, select_own_weight, select_width: no weights) and the default α changed,
     the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience
     included)."""
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stored-picks", type=int, help="CompressorConfig.stored_picks (default: the source's)")
     parser.add_argument("--num-memory-tokens", type=int,
                         help="CompressorConfig.num_memory_tokens, stored slots of a token pool (default: the source's)")
+    parser.add_argument("--pick-rule", choices=["stretch", "distinct"],
+                        help="CompressorConfig.pick_rule, what a token pool's slots hold (default: the source's)")
     parser.add_argument("--select-slots", type=int, help="AggregatorConfig.select_slots (default: the source's)")
     parser.add_argument("--select-pull", choices=["nearest", "sum"],
                         help="AggregatorConfig.select_pull (default: the source's)")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
     args = parser.parse_args(argv)
     given = {"key_encoder": args.key_encoder, "key_dim": args.key_dim, "lexical_key_weight": args.lexical_key_weight,
-             "stored_picks": args.stored_picks, "num_memory_tokens": args.num_memory_tokens}
+             "stored_picks": args.stored_picks, "num_memory_tokens": args.num_memory_tokens,
+             "pick_rule": args.pick_rule}
     fields = {name: value for name, value in given.items() if value is not None}
     select = {"select_slots": args.select_slots, "select_pull": args.select_pull,
               "select_own_weight": args.select_own_weight, "select_width": args.select_width}

@@ -124,8 +124,8 @@ class Compressor(nn.Module):
             raise InvalidInputError(
                 f"memory_values='token_embeddings' needs memory_dim equal to the backbone's width {d_e}, got {d_m}"
             )
-        self.token_pool = (TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids, config.stored_picks)
-                           if pooled else None)
+        self.token_pool = (TokenPool(len(tokenizer), d_e, k, tokenizer.all_special_ids, config.stored_picks,
+                                     config.pick_rule) if pooled else None)
         self.blocks = nn.ModuleList(
             CrossAttentionBlock(d_m, config.num_heads, config.dropout)
             for _ in range(0 if pooled else config.num_layers)

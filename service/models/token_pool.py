@@ -21,6 +21,12 @@ into the slot.
 With m = stored_picks > 0 each slot keeps only its m heaviest picks, renormalised, and no map of
 states: the memory is then exactly Σ_i w_i · E[id_i] over m (id, weight) pairs, which the bank stores
 instead of the d_e-wide vectors (codec.TokenPicks) and the service turns back into the same memory.
+
+With rule="distinct" (m = 1) the softmax only ranks: every token of the text fills at most one slot,
+in text order; all of them when the text has at most k tokens, else the k most salient. Under
+"stretch" a salient token wins every slot whose stretch it dominates and a dull one (often the
+answer's "the", "of", a digit) none: on SQuAD valid 20% of the answers were not among 160 stored
+slots, 10% with distinct picks (CompressorConfig.pick_rule).
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from torch import nn
 
 class TokenPool(nn.Module):
     def __init__(
-        self, vocab_size: int, width: int, num_slots: int, special_ids: Sequence[int] = (), num_picks: int = 0
+        self, vocab_size: int, width: int, num_slots: int, special_ids: Sequence[int] = (), num_picks: int = 0,
+        rule: str = "stretch",
     ) -> None:
         super().__init__()
         self.num_slots = num_slots
         self.num_picks = num_picks
+        self.rule = rule
         self.token_salience = nn.Parameter(torch.zeros(vocab_size))  # (V,) IDF after fit_idf
         self.state_salience = nn.Linear(width, 1)
         nn.init.zeros_(self.state_salience.weight)
@@ -70,6 +78,11 @@ class TokenPool(nn.Module):
         """ids (B, T), embeddings (B, T, d_e) input-token embeddings, states (B, T, d_e) contextual states,
         mask (B, T) bool (real tokens) → memory (B, k, d_e), and with num_picks the picks it is made of:
         token ids (B, k, m) and weights (B, k, m) (a text shorter than m tokens gets zero-weight fillers)."""
+        if self.rule == "distinct":
+            where = self.distinct_positions(ids, states, mask)  # (B, k)
+            picked = embeddings.gather(1, where[..., None].expand(-1, -1, embeddings.shape[-1]))  # (B, k, d_e)
+            top = torch.ones(*where.shape, 1, dtype=embeddings.dtype, device=ids.device)  # (B, k, 1)
+            return picked, (ids.gather(1, where)[..., None], top)
         weights = self.pick_weights(ids, states, mask)  # (B, k, T)
         if not self.num_picks:
             return weights @ embeddings + self.state_proj(weights @ states), None  # (B, k, d_e)
@@ -82,11 +95,30 @@ class TokenPool(nn.Module):
         memory = mix_picks(top, picked.view(B, k, self.num_picks, -1))  # (B, k, d_e)
         return memory, (ids.gather(1, where.view(B, -1)).view(B, k, -1), top)
 
+    def distinct_positions(self, ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), states (B, T, d_e), mask (B, T) → the text position each slot holds (B, k) under
+        rule="distinct": the k most salient tokens (all when fewer), each once, in text order, spread evenly
+        over the k slots when the text has fewer."""
+        k, T = self.num_slots, ids.shape[1]
+        real = self.readable(ids, mask)  # (B, T)
+        salience = (self.token_salience[ids] + self.state_salience(states).squeeze(-1)).masked_fill(~real, -math.inf)
+        rank = salience.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # (B, T) 0 = the most salient
+        kept = real & (rank < k)  # (B, T)
+        pos = torch.arange(T, device=ids.device)  # (T,)
+        in_order = torch.where(kept, pos, pos + T).argsort(dim=1)  # (B, T) kept positions first, in text order
+        n = kept.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+        slot = ((torch.arange(k, device=ids.device) + 0.5) * n / k).long()  # (B, k) which kept token
+        return in_order.gather(1, slot.clamp(max=T - 1))  # (B, k)
+
+    def readable(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), mask (B, T) → (B, T) the tokens a slot may hold: real ones, not special."""
+        real = mask & self.usable[ids]  # (B, T)
+        return torch.where(real.any(1, keepdim=True), real, mask)  # a text of special tokens only keeps them
+
     def pick_weights(self, ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T), states (B, T, d_e), mask (B, T) → each slot's weights over the text (B, k, T)."""
         k, dtype = self.num_slots, states.dtype
-        real = mask & self.usable[ids]  # (B, T)
-        real = torch.where(real.any(1, keepdim=True), real, mask)  # a text of special tokens only keeps them
+        real = self.readable(ids, mask)  # (B, T)
         order = real.cumsum(1) - 1  # (B, T) index of each real token in its text
         n = real.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
         where = (order.to(dtype) + 0.5) / n * k  # (B, T) position in units of one stretch

@@ -90,11 +90,12 @@ def test_reindex_moves_a_bank_of_dense_memories_to_token_picks(picks_dirs, bpe_t
         store.drop_bank()
 
 
-@pytest.fixture(scope="module")
-def select_dirs(tmp_path_factory, bpe_tokenizer, minilm):
+@pytest.fixture(scope="module", params=[(4, "stretch"), (1, "distinct")], ids=["stretch", "distinct"])
+def select_dirs(request, tmp_path_factory, bpe_tokenizer, minilm):
+    picks, rule = request.param
     config = CMTConfig(
         compressor=CompressorConfig(num_memory_tokens=12, num_layers=1, num_heads=4, memory_values="token_embeddings",
-                                    stored_picks=4),
+                                    stored_picks=picks, pick_rule=rule),
         aggregator=AggregatorConfig(top_k=2, max_docs=8, num_layers=1, num_heads=4, queries="memories",
                                     identity_init=True, select_slots=4),
         aligner=AlignerConfig(prefix_len=4, hidden_dim=64),

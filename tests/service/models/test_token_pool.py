@@ -3,6 +3,8 @@ input space reaches the LLM unchanged before any training, and survives a checkp
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,48 @@ def test_untrained_slots_are_the_most_salient_token_of_their_stretch_in_text_ord
     text_ids = modules.compressor.tokenize([bpe_tokenizer.decode(ids)]).input_ids[0].tolist()
     assert all(s in text_ids for s in salient), "the test text must keep its tokens"
     assert F.cosine_similarity(memory, table[salient], dim=-1).min() > 0.995  # the prior leaks < 1% to neighbours
+
+
+def distinct_compressor(path: str, k: int) -> Compressor:
+    config = dataclasses.replace(pooled_config(path).compressor, num_memory_tokens=k, stored_picks=1,
+                                 pick_rule="distinct")
+    return Compressor.from_backbone(config).eval()
+
+
+def test_distinct_picks_keep_every_token_of_a_short_text_once_in_text_order(llm_dir, bpe_tokenizer):
+    _, path = llm_dir
+    theta = distinct_compressor(path, k=12)
+    text = bpe_tokenizer.decode(list(range(10, 18)))  # 8 tokens, fewer than the 12 slots
+    text_ids = theta.tokenize([text]).input_ids[0]
+    ordinary = [t for t in text_ids.tolist() if theta.token_pool.usable[t]]
+    out = theta.compress([text])
+    ids, weights = out.picks  # (1, 12, 1) each
+    slots = ids[0, :, 0].tolist()
+    assert [t for i, t in enumerate(slots) if i == 0 or t != slots[i - 1]] == ordinary  # each once, in order
+    assert torch.equal(weights, torch.ones_like(weights))
+    table = theta.backbone.get_input_embeddings().weight
+    assert torch.equal(out.memory[0], table[ids[0, :, 0]])  # the memory is the tokens' own embeddings
+
+
+def test_distinct_picks_of_a_long_text_are_its_most_salient_tokens_in_text_order(llm_dir, bpe_tokenizer):
+    _, path = llm_dir
+    theta = distinct_compressor(path, k=6)
+    ids = list(range(10, 42))  # 32 distinct tokens
+    salient = [ids[30], ids[2], ids[17], ids[9], ids[25], ids[5]]  # listed out of text order
+    with torch.no_grad():
+        theta.token_pool.token_salience.zero_()
+        theta.token_pool.token_salience[salient] = torch.arange(6, 0, -1, dtype=torch.float32)
+    text = bpe_tokenizer.decode(ids)
+    assert all(s in theta.tokenize([text]).input_ids[0].tolist() for s in salient), "the test text keeps its tokens"
+    picked = theta.compress([text]).picks[0][0, :, 0].tolist()
+    assert picked == sorted(salient, key=ids.index)
+
+
+def test_distinct_picks_need_one_pick_a_slot():
+    with pytest.raises(InvalidInputError, match="stored_picks=1"):
+        CompressorConfig(memory_values="token_embeddings", stored_picks=4, pick_rule="distinct")
+    with pytest.raises(InvalidInputError, match="pick_rule"):
+        CompressorConfig(memory_values="token_embeddings", stored_picks=1, pick_rule="rarest")
 
 
 def test_the_untrained_pipeline_hands_the_llm_the_memory_itself_between_its_frame(llm_dir):
