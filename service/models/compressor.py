@@ -263,7 +263,18 @@ class Compressor(nn.Module):
         ids = batch.input_ids.new_zeros(B, C, batch.input_ids.shape[1]).index_put(where, batch.input_ids)  # (B, C, L)
         ids = ids.view(B, -1)  # (B, C·L)
         tokens = self.backbone.get_input_embeddings()(ids).to(ctx.dtype)  # (B, C·L, d_e)
+        if self.token_pool.rule == "distinct":  # a token in two windows' overlap is still one token of the text
+            ctx_mask = ctx_mask & ~self._repeated_overlap(batch).view(B, -1)  # (B, C·L)
         return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e), ids and weights (B, k, m)
+
+    def _repeated_overlap(self, batch: ChunkedBatch) -> torch.Tensor:
+        """(B, C, L) bool: the tokens a window repeats from the window before it (its first chunk_overlap
+        tokens other than special ones), packed like `_pooled_memory`'s ids."""
+        ordinary = batch.attention_mask.bool() & self.token_pool.usable[batch.input_ids]  # (N, L)
+        repeated = ordinary & (ordinary.cumsum(-1) <= self.config.chunk_overlap) & (batch.chunk_index > 0)[:, None]
+        B, C = batch.num_docs, int(batch.chunk_index.max()) + 1
+        packed = repeated.new_zeros(B, C, repeated.shape[1])  # (B, C, L)
+        return packed.index_put((batch.doc_index, batch.chunk_index), repeated)
 
     def memory_from_picks(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """A stored memory's token ids (..., k, m) and weights (..., k, m) → the memory (..., k, d_m) that

@@ -105,6 +105,20 @@ def test_distinct_picks_of_a_long_text_are_its_most_salient_tokens_in_text_order
     assert picked == sorted(salient, key=ids.index)
 
 
+def test_distinct_picks_hold_a_token_in_two_windows_overlap_once(llm_dir, bpe_tokenizer, paragraphs):
+    _, path = llm_dir
+    text = " ".join(paragraphs[:2])
+    theta = distinct_compressor(path, k=1000)  # more slots than the text has tokens: every token is kept
+    batch = theta.tokenize([text])
+    assert len(batch.input_ids) >= 3, "the test text must span several windows of 128 sharing 16 tokens"
+    slots = theta.compress([text]).picks[0][0, :, 0].tolist()
+
+    def runs(ids: list[int]) -> list[int]:  # a run of slots on one token counts once
+        return [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
+
+    assert runs(slots) == runs(bpe_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def test_distinct_picks_need_one_pick_a_slot():
     with pytest.raises(InvalidInputError, match="stored_picks=1"):
         CompressorConfig(memory_values="token_embeddings", stored_picks=4, pick_rule="distinct")
