@@ -56,7 +56,10 @@ def ensure_utc(value: datetime | None, name: str) -> datetime | None:
         raise InvalidInputError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidInputError(f"{name} must be timezone-aware (e.g. 2024-02-01T00:00:00Z)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+00:05 is in year 0 in UTC
+        raise InvalidInputError(f"{name} {value.isoformat()} is outside years 1-9999 in UTC") from None
 
 
 def validate_id(doc_id: str) -> str:

@@ -104,6 +104,8 @@ def assert_error(r, status: int, code: str):
         ({"documents": [{"text": ""}]}, 422, "invalid_input"),
         ({"documents": [{"text": "   "}]}, 422, "invalid_input"),
         ({"documents": [{"text": "x", "published_at": "2024-02-01T08:00:00"}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "x", "published_at": "0001-01-01T00:00:00+00:05"}]}, 422, "invalid_input"),
+        ({"documents": [{"text": "x", "published_at": "9999-12-31T23:59:00-00:05"}]}, 422, "invalid_input"),
         ({"documents": [{"text": "x", "colour": "red"}]}, 422, "invalid_input"),
         ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, 422, "invalid_input"),
         ({"documents": [{"text": "x" * 5001}]}, 413, "payload_too_large"),
