@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # a ticket is itself: field-wise == would compare the prefixes' tensors (and raise)
 class Ticket:
     """One question in the decode loop: `tokens()` as they come, or `generation()` at the end."""
 

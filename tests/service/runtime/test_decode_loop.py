@@ -79,3 +79,20 @@ def test_a_cancelled_question_leaves_the_batch(bpe_tokenizer):
             loop.close()
 
     assert len(asyncio.run(main()).token_ids) <= 2
+
+
+def test_cancelling_one_of_several_waiting_questions_with_prefixes_removes_only_it(bpe_tokenizer):
+    # Found by CI (vLLM concurrency test): `ticket in waiting` compared tickets field by field, prefix tensors too.
+    llm = tiny_llama(bpe_tokenizer)
+    embeddings = llm.text_embeddings("The Varn river rose")[None]  # (1, p, d)
+
+    async def main():
+        loop = DecodeLoop(llm, max_rows=8)  # not started: the questions stay waiting
+        config = GenerationConfig(max_new_tokens=2)
+        first, second = (loop.submit("Who won", llm.prefix_from_embeddings(embeddings), config) for _ in range(2))
+        loop.cancel(second)
+        depth = loop.queue_depth
+        loop.cancel(first)
+        return depth, loop.queue_depth
+
+    assert asyncio.run(main()) == (1, 0)
