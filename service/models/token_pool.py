@@ -101,7 +101,7 @@ class TokenPool(nn.Module):
         over the k slots when the text has fewer."""
         k, T = self.num_slots, ids.shape[1]
         real = self.readable(ids, mask)  # (B, T)
-        salience = (self.token_salience[ids] + self.state_salience(states).squeeze(-1)).masked_fill(~real, -math.inf)
+        salience = self.salience(ids, states).masked_fill(~real, -math.inf)  # (B, T)
         rank = salience.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # (B, T) 0 = the most salient
         kept = real & (rank < k)  # (B, T)
         pos = torch.arange(T, device=ids.device)  # (T,)
@@ -109,6 +109,11 @@ class TokenPool(nn.Module):
         n = kept.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
         slot = ((torch.arange(k, device=ids.device) + 0.5) * n / k).long()  # (B, k) which kept token
         return in_order.gather(1, slot.clamp(max=T - 1))  # (B, k)
+
+    def salience(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), states (B, T, d_e) → each token's salience (B, T): its token's learned IDF-like weight
+        plus what its context adds."""
+        return self.token_salience[ids] + self.state_salience(states).squeeze(-1)  # (B, T)
 
     def readable(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T), mask (B, T) → (B, T) the tokens a slot may hold: real ones, not special."""
@@ -124,7 +129,7 @@ class TokenPool(nn.Module):
         where = (order.to(dtype) + 0.5) / n * k  # (B, T) position in units of one stretch
         centres = torch.arange(k, device=ids.device, dtype=dtype) + 0.5  # (k,)
         prior = -0.5 * ((where[:, None, :] - centres[None, :, None]) / self.log_prior_width.exp()) ** 2  # (B, k, T)
-        salience = self.token_salience[ids] + self.state_salience(states).squeeze(-1)  # (B, T)
+        salience = self.salience(ids, states)  # (B, T)
         logits = prior + (salience / self.log_temperature.exp())[:, None, :]  # (B, k, T)
         return logits.masked_fill(~real[:, None, :], float("-inf")).softmax(-1)  # (B, k, T)
 
