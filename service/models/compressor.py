@@ -203,10 +203,7 @@ class Compressor(nn.Module):
 
     def forward(self, batch: ChunkedBatch) -> Compressed:
         batch = batch.to(self.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone):
-            hidden = self.backbone(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
-            ).last_hidden_state  # (N, L, d_e)
+        hidden = self._backbone_states(batch)  # (N, L, d_e)
         tokens = self.in_proj(hidden)  # (N, L, d_m)
         hidden = tokens + self.chunk_embedding(batch.chunk_index)[:, None]  # (N, L, d_m)
         B, (_, L, d_m) = batch.num_docs, hidden.shape
@@ -226,6 +223,35 @@ class Compressor(nn.Module):
                 x = block(x, ctx, ctx_mask)
             memory = self.out_norm(x)  # (B, k, d_m)
         return Compressed(memory=memory, key=self._key(batch, memory, tokens), picks=picks)
+
+    def _backbone_states(self, batch: ChunkedBatch) -> torch.Tensor:
+        """The backbone's contextual states (N, L, d_e) of the windows whose states change the output; zeros
+        for the others. Under pick_rule="distinct" with a key encoder the states only rank a document's
+        tokens by salience, and a document of at most k tokens keeps every one of them whatever the ranking:
+        its windows are not encoded (most news paragraphs: ingest then costs the key encoder alone)."""
+        needed = self._windows_needing_states(batch)  # (N,)
+        if not needed.any():
+            dtype = self.backbone.get_input_embeddings().weight.dtype
+            return torch.zeros(*batch.input_ids.shape, self.backbone.config.hidden_size, dtype=dtype,
+                               device=batch.input_ids.device)  # (N, L, d_e)
+        rows = None if needed.all() else needed.nonzero().flatten()  # (M,)
+        ids, mask = (batch.input_ids, batch.attention_mask) if rows is None else (
+            batch.input_ids[rows], batch.attention_mask[rows])  # (M, L)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_backbone):
+            hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (M, L, d_e)
+        if rows is None:
+            return hidden
+        return hidden.new_zeros(len(needed), *hidden.shape[1:]).index_copy(0, rows, hidden)  # (N, L, d_e)
+
+    def _windows_needing_states(self, batch: ChunkedBatch) -> torch.Tensor:
+        """(N,) bool: the windows `_backbone_states` must encode (all of them unless the states are read
+        only to rank tokens under pick_rule="distinct"; then those of documents longer than k tokens)."""
+        every = torch.ones(len(batch.input_ids), dtype=torch.bool, device=batch.input_ids.device)  # (N,)
+        if self.token_pool is None or self.token_pool.rule != "distinct" or self.key_encoder is None:
+            return every
+        tokens = batch.attention_mask.sum(-1)  # (N,) a window overlap counts twice: a long document anyway
+        per_doc = tokens.new_zeros(batch.num_docs).index_add(0, batch.doc_index, tokens)  # (B,)
+        return (per_doc > self.config.num_memory_tokens)[batch.doc_index]  # (N,)
 
     def _key(self, batch: ChunkedBatch, memory: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
         """The retrieval key (B, d_k), L2-normalised. With a key encoder: [its dense part (B, d_s) ; β·lexical

@@ -13,7 +13,7 @@ from service.errors import InvalidInputError
 from service.models.checkpoint import load_checkpoint, save_checkpoint
 from service.models.cmt import CMTModules
 from service.models.compressor import Compressor
-from service.models.config import AggregatorConfig, AlignerConfig, CMTConfig, CompressorConfig
+from service.models.config import DEFAULT_BACKBONE, AggregatorConfig, AlignerConfig, CMTConfig, CompressorConfig
 from tests.conftest import tiny_llama
 
 K = 4  # memory tokens = prefix positions
@@ -70,9 +70,9 @@ def test_untrained_slots_are_the_most_salient_token_of_their_stretch_in_text_ord
     assert F.cosine_similarity(memory, table[salient], dim=-1).min() > 0.995  # the prior leaks < 1% to neighbours
 
 
-def distinct_compressor(path: str, k: int) -> Compressor:
+def distinct_compressor(path: str, k: int, **compressor) -> Compressor:
     config = dataclasses.replace(pooled_config(path).compressor, num_memory_tokens=k, stored_picks=1,
-                                 pick_rule="distinct")
+                                 pick_rule="distinct", **compressor)
     return Compressor.from_backbone(config).eval()
 
 
@@ -117,6 +117,32 @@ def test_distinct_picks_hold_a_token_in_two_windows_overlap_once(llm_dir, bpe_to
         return [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
 
     assert runs(slots) == runs(bpe_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_distinct_picks_skip_the_backbone_for_documents_of_at_most_k_tokens(llm_dir, bpe_tokenizer, paragraphs):
+    """With a key encoder, Θ's backbone states only rank a document's tokens; one of at most k tokens keeps
+    them all, so ingest does not encode it, and a batch encodes only its long documents' windows."""
+    _, path = llm_dir
+    theta = distinct_compressor(path, k=12, key_encoder=DEFAULT_BACKBONE, key_dim=640, lexical_key_weight=0.5)
+    with torch.no_grad():  # salience that the states change, so a wrongly skipped long document shows
+        theta.token_pool.token_salience.normal_()
+        theta.token_pool.state_salience.weight.normal_()
+    short, long = bpe_tokenizer.decode(list(range(10, 18))), " ".join(paragraphs[:2])  # 8 tokens; several windows
+    encoded: list[int] = []
+    theta.backbone.register_forward_hook(
+        lambda module, args, kwargs, out: encoded.append(len(kwargs["input_ids"])), with_kwargs=True)
+    alone = [theta.compress([text]) for text in (short, long)]
+    assert encoded == [len(theta.tokenize([long]).input_ids)], "the short text alone is not encoded"
+    encoded.clear()
+    both = theta.compress([short, long])
+    assert encoded == [len(theta.tokenize([long]).input_ids)], "a mixed batch encodes the long text's windows only"
+    for i, out in enumerate(alone):
+        assert torch.equal(both.picks[0][i], out.picks[0][0])
+        torch.testing.assert_close(both.key[i], out.key[0])
+        torch.testing.assert_close(both.memory[i], out.memory[0])
+    slots = both.picks[0][0, :, 0].tolist()
+    ordinary = [t for t in theta.tokenize([short]).input_ids[0].tolist() if theta.token_pool.usable[t]]
+    assert [t for i, t in enumerate(slots) if i == 0 or t != slots[i - 1]] == ordinary  # the rule's answer
 
 
 def test_distinct_picks_need_one_pick_a_slot():
