@@ -48,9 +48,9 @@ from trainer.prediction_cache import DEFAULT_CACHE_DIR
 
 # data name → (split, questions asked (0 = all), report name, title)
 RUNS = {
-    "squad": ("test", 1000, "squad", "SQuAD test stream (first 1,000 questions)"),
-    "archivalqa": ("test", 0, "archivalqa-proxy", "ArchivalQA-proxy test stream (all questions)"),
-    "qed": ("valid", 0, "qed", "QED valid (all questions)"),
+    "squad": ("test", 1000, "squad", "SQuAD test stream"),
+    "archivalqa": ("test", 0, "archivalqa-proxy", "ArchivalQA-proxy test stream"),
+    "qed": ("valid", 0, "qed", "QED valid"),
 }
 BATCH_SIZE = 16
 """Questions per LLM batch in every row; 16 keeps QED's longest RAG top-3 prompts (a few thousand tokens) in memory."""
@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     for data in datasets:
         split, questions, name, title = RUNS[data]
         t1 = time.perf_counter()
+        docs = load_split(data, split)
         report = run_evaluation(
-            llm, ckpts[data], load_split(data, split), ablations=dict(a.rsplit("=", 1) for a in args.ablation),
+            llm, ckpts[data], docs, ablations=dict(a.rsplit("=", 1) for a in args.ablation),
             max_questions=questions if args.max_questions is None else args.max_questions,
             retention_docs=args.retention_docs, robustness_questions=args.robustness_questions,
             prompt_profile=args.prompt_profile, cache_dir=args.cache_dir, batch_size=args.batch_size,
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         report["bench"] = {"seconds": time.perf_counter() - t1, "torch_threads": torch.get_num_threads(),
                            "llm_dtype": args.dtype}
         out = args.out / f"eval-smollm2-{name}"
-        write_report(report, out, title=f"CMT evaluation: {title}, {args.llm}")
+        asked, stream = report["questions"], sum(len(d.get("questions") or []) for d in docs)
+        which = f"all {asked:,}" if asked == stream else f"first {asked:,} of {stream:,}"
+        write_report(report, out, title=f"CMT evaluation: {title} ({which} questions), {args.llm}")
         print((out / "report.md").read_text())
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
