@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         passes.append(time.perf_counter() - start)
     theta, k = engine.modules.compressor, engine.num_memory_tokens
-    lengths = []  # Θ's tokens per document, over all its windows
-    for b in batches:
-        t = theta.tokenize(b)
-        per_window = t.attention_mask.sum(-1)  # (N,)
-        lengths += per_window.new_zeros(t.num_docs).index_add(0, t.doc_index, per_window).tolist()
+    lengths = [n for b in batches for n in theta.tokenize(b).doc_tokens().tolist()]  # Θ's tokens per document
     best = min(passes)
     report = {
         "checkpoint": str(args.checkpoint), "device": args.device, "torch_threads": torch.get_num_threads(),

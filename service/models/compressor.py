@@ -63,6 +63,11 @@ class ChunkedBatch:
     key_windows: KeyWindows | None = None
     """The same texts in the key encoder's windows (CompressorConfig.key_encoder), else None."""
 
+    def doc_tokens(self) -> torch.Tensor:
+        """(B,) each document's real tokens over all its windows (a window overlap counts in both)."""
+        per_window = self.attention_mask.sum(-1)  # (N,)
+        return per_window.new_zeros(self.num_docs).index_add(0, self.doc_index, per_window)  # (B,)
+
     def to(self, device: torch.device | str) -> ChunkedBatch:
         return ChunkedBatch(
             self.input_ids.to(device),
@@ -249,9 +254,8 @@ class Compressor(nn.Module):
         every = torch.ones(len(batch.input_ids), dtype=torch.bool, device=batch.input_ids.device)  # (N,)
         if self.token_pool is None or self.token_pool.rule != "distinct" or self.key_encoder is None:
             return every
-        tokens = batch.attention_mask.sum(-1)  # (N,) a window overlap counts twice: a long document anyway
-        per_doc = tokens.new_zeros(batch.num_docs).index_add(0, batch.doc_index, tokens)  # (B,)
-        return (per_doc > self.config.num_memory_tokens)[batch.doc_index]  # (N,)
+        long = batch.doc_tokens() > self.config.num_memory_tokens  # (B,) an overlap counted twice: long anyway
+        return long[batch.doc_index]  # (N,)
 
     def _key(self, batch: ChunkedBatch, memory: torch.Tensor | None, tokens: torch.Tensor | None) -> torch.Tensor:
         """The retrieval key (B, d_k), L2-normalised. With a key encoder: [its dense part (B, d_s) ; β·lexical
