@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from service.models.checkpoint import MODULE_FILES, read_checkpoint_config
 from service.models.compressor import Compressor
 from service.models.config import CMTConfig
+from service.models.sentence_rerank import SentenceKeys, rerank_pool
 from trainer.data import load_split
 from trainer.eval_retrieval import _recall, key_part_recall, write_recall_report
 
@@ -52,6 +53,16 @@ def main() -> None:
     start = time.perf_counter()
     d, q = keys(compressor, [x["text"] for x in docs]), keys(compressor, [x for x, _ in pairs])
     rows = {"cmt_keys": _recall(q @ d.T, gold)} | key_part_recall(compressor, q, d, gold)
+    aggregator = CMTConfig.from_dict(config["cmt"]).aggregator
+    if aggregator.rerank_candidates:  # what the service selects: the best C re-scored by their sentences
+        C = aggregator.rerank_candidates
+        pool = (q @ d.T).topk(max(C, 5), dim=1)  # (Q, max(C, 5)); the ones after C keep their key order
+        texts = [[docs[i]["text"] for i in row[:C]] for row in pool.indices.tolist()]
+        scores = rerank_pool(SentenceKeys(compressor.key_encoder), q, pool.values[:, :C], texts,
+                             aggregator.rerank_sentence_weight)  # (Q, C)
+        first = pool.indices[:, :C].gather(1, scores.argsort(dim=1, descending=True))  # (Q, C)
+        rows[f"cmt_keys_sentence_reranked_top_{C}"] = _recall(torch.cat([first, pool.indices[:, C:]], 1), gold,
+                                                               ranked=True)
     header = {"checkpoint": str(args.checkpoint), "compressor_version": config["compressor_version"],
               "dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(pairs),
               "seconds": round(time.perf_counter() - start, 1)}

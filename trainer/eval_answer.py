@@ -13,7 +13,6 @@ import torch
 from tqdm.auto import tqdm
 
 from service.errors import InvalidInputError
-from service.models.aggregator import select_top_k
 from service.models.cmt import Bank, CMTModules, CMTPipeline
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prompts import PromptProfile, get_profile
@@ -180,7 +179,7 @@ def compress_bank(modules: CMTModules, docs: Sequence[dict[str, Any]], batch_siz
     times = [timestamp(d.get("date")) or float(i) for i, d in enumerate(docs)]
     picks = (torch.cat(ids), torch.cat(weights)) if ids else None
     return Bank(torch.cat(mem), torch.cat(keys), torch.tensor(times, dtype=torch.float64), [d["doc_id"] for d in docs],
-                picks)
+                picks, [d["text"] for d in docs])
 
 
 def whole_bank_k(modules: CMTModules, bank: Bank) -> int:
@@ -200,7 +199,8 @@ def answer_cmt(
     profile = get_profile(profile)
     pipeline = CMTPipeline(modules, llm, profile)
     k = top_k or whole_bank_k(modules, bank)
-    bank = Bank(bank.memories.to(modules.device), bank.keys.to(modules.device), bank.timestamps, bank.ids, bank.picks)
+    bank = Bank(bank.memories.to(modules.device), bank.keys.to(modules.device), bank.timestamps, bank.ids, bank.picks,
+                bank.texts)
     generation = generation_config(alpha, max_new_tokens, profile)
     preds, sources = [], []
     for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=not progress or not questions, leave=False):
@@ -224,12 +224,12 @@ def evaluate_cmt(
     bank = bank if bank is not None else compress_bank(modules, docs)
     preds, sources = answer_cmt(modules, llm, bank, [e.question for e in exs], top_k, alpha, profile=profile)
     result = aggregate(preds, [e.answers for e in exs])
-    # recall@1 by key score (sources are reordered newest first, so recompute the top-1), in eval mode
+    # recall@1 of the selection (sources are reordered newest first, so recompute the top-1), in eval mode
     result["recall_at_1"] = 0.0
     if exs:
         with torch.no_grad():
             q = modules.compressor.compress([e.question for e in exs])
-        sel = select_top_k(q.key.float().cpu(), bank.keys, 1)
+            sel = modules.select(q.key.float().cpu(), bank, 1)
         top1 = [bank.ids[i] for i in sel.indices[:, 0].tolist()]
         result["recall_at_1"] = 100.0 * sum(t == e.doc_id for t, e in zip(top1, exs, strict=True)) / len(exs)
     modules.train(was_training)

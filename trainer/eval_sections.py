@@ -24,7 +24,8 @@ def _cmt_scores(ctx: EvalContext, bank: Bank, exs: Sequence[Any], desc: str) -> 
 def _sub_bank(bank: Bank, rows: Sequence[int]) -> Bank:
     rows = list(rows)
     picks = None if bank.picks is None else (bank.picks[0][rows], bank.picks[1][rows])
-    return Bank(bank.memories[rows], bank.keys[rows], bank.timestamps[rows], [bank.ids[i] for i in rows], picks)
+    return Bank(bank.memories[rows], bank.keys[rows], bank.timestamps[rows], [bank.ids[i] for i in rows], picks,
+                [bank.texts[i] for i in rows] if bank.texts else [])
 
 
 def cost_section(ctx: EvalContext) -> dict[str, Any]:

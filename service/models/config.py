@@ -197,6 +197,13 @@ class AggregatorConfig:
     """select_slots: how the question tokens a document holds pull on a slot: "nearest" = the strongest single
     one, decayed by its distance; "sum" = all of them, each decayed, so a stretch holding many of the
     question's words wins (where answers are: the sliding-window baseline of the SQuAD paper)."""
+    rerank_candidates: int = 0
+    """C > 0: the index's C best documents by key score are re-scored by their best-matching sentence
+    (service.models.sentence_rerank) before the top_k are taken; needs CompressorConfig.key_encoder, which
+    encodes the sentences. 0 = by key score alone."""
+    rerank_sentence_weight: float = 0.3
+    """rerank_candidates: w in key score + w · (the question's best cosine with one of the document's
+    sentences), both from the key encoder."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
@@ -210,6 +217,12 @@ class AggregatorConfig:
         if self.select_pull not in ("nearest", "sum"):
             raise InvalidInputError(
                 f'AggregatorConfig.select_pull must be "nearest" or "sum", got {self.select_pull!r}')
+        if not isinstance(self.rerank_candidates, int) or self.rerank_candidates < 0:
+            raise InvalidInputError(
+                f"AggregatorConfig.rerank_candidates must be an integer >= 0, got {self.rerank_candidates!r}")
+        if not (self.rerank_sentence_weight >= 0 and math.isfinite(self.rerank_sentence_weight)):
+            raise InvalidInputError("AggregatorConfig.rerank_sentence_weight must be a finite number >= 0, got "
+                                    f"{self.rerank_sentence_weight}")
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
         if self.queries not in ("question", "memories"):
@@ -286,6 +299,9 @@ class CMTConfig:
         if p > k:
             raise InvalidInputError(f"AggregatorConfig.select_slots={p} exceeds the {k} stored slots "
                                     "(CompressorConfig.num_memory_tokens)")
+        if self.aggregator.rerank_candidates and not self.compressor.key_encoder:
+            raise InvalidInputError("AggregatorConfig.rerank_candidates needs CompressorConfig.key_encoder: it "
+                                    "encodes the candidates' sentences")
 
     @property
     def slots_read(self) -> int:

@@ -8,6 +8,7 @@ prefix has the same length p, so batching costs only left padding of the prompts
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnavailableError
-from service.models.aggregator import newest_first, recency_candidates, select_recent
+from service.models.aggregator import newest_first, select_recent
 from service.models.llm import Generation, GenerationConfig, TextPieces
 from service.models.prefix import KVPrefix
+from service.models.sentence_rerank import rerank_pool
 from service.models.slot_select import read_slots
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
@@ -103,19 +105,41 @@ class AskService:
     # ---- stages (run in the batcher's thread) ------------------------------------------------
 
     def _retrieve(self, keys: torch.Tensor, items: list[AskItem]) -> list[list[SearchHit]]:
+        """Each question's top_k hits: the index's best candidates by key score, re-scored by their sentences when
+        the checkpoint asks for it (AggregatorConfig.rerank_candidates), then chosen with the recency rule."""
         if self.index.last_error is not None and len(self.index) == 0:
             raise StorageUnavailableError(f"the memory index is not available: {self.index.last_error.message}")
-        found = []
-        for i, item in enumerate(items):
-            hits = self.index.search(
-                keys[i], recency_candidates(item.top_k) if item.recency_margin > 0 else item.top_k, item.filters,
-                compressor_version=self.engine.compressor_version,
-            )
-            if item.recency_margin > 0:
-                times = [(h.published_at or h.received_at).timestamp() for h in hits]
-                hits = [hits[j] for j in select_recent([h.score for h in hits], times, item.top_k, item.recency_margin)]
-            found.append(hits)
-        return found
+        modules = self.engine.modules
+        found = [
+            self.index.search(keys[i], modules.candidates(item.top_k, item.recency_margin), item.filters,
+                              compressor_version=self.engine.compressor_version)
+            for i, item in enumerate(items)
+        ]
+        if modules.sentence_keys is not None:
+            found = self._rerank(keys, found)
+        chosen = []
+        for item, hits in zip(items, found, strict=True):
+            times = [(h.published_at or h.received_at).timestamp() for h in hits]
+            chosen.append([hits[j] for j in select_recent([h.score for h in hits], times, item.top_k,
+                                                            item.recency_margin)])
+        return chosen
+
+    def _rerank(self, keys: torch.Tensor, found: list[list[SearchHit]]) -> list[list[SearchHit]]:
+        """The hits with their sentence re-ranked scores (`sentence_rerank.rerank_pool`), from the stored texts
+        read in one Redis round trip; a document deleted meanwhile keeps its key score (the fetch drops it)."""
+        ids = sorted({h.id for row in found for h in row})
+        if not ids:
+            return found
+        texts = dict(zip(ids, (row[0] for row in self.store.get_docs_meta(ids, ["text"])), strict=True))
+        C = max(len(row) for row in found)
+        pool = torch.full((len(found), C), float("-inf"))  # (B, C)
+        for b, row in enumerate(found):
+            pool[b, : len(row)] = torch.tensor([h.score for h in row])
+        pool_texts = [[texts[h.id] for h in row] + [None] * (C - len(row)) for row in found]
+        a = self.engine.modules.config.aggregator
+        scores = rerank_pool(self.engine.modules.sentence_keys, keys, pool, pool_texts, a.rerank_sentence_weight)
+        return [[h if texts[h.id] is None else dataclasses.replace(h, score=float(scores[b, j]))
+                 for j, h in enumerate(row)] for b, row in enumerate(found)]
 
     def _fetch(
         self, hits: list[list[SearchHit]], questions: list[str]

@@ -63,7 +63,7 @@ def test_default_service_answers_real_paragraphs_as_the_offline_pipeline_does():
         picks = (mem.picks[0], mem.picks[1].half())
         memory = modules.compressor.memory_from_picks(*picks)
     bank = Bank(memory.half().float(), mem.key.half().float(), torch.zeros(len(docs)), [d["doc_id"] for d in docs],
-                picks)
+                picks, [d["text"] for d in docs])  # the texts the service re-ranks its candidates by
     profile = checkpoint_profile(config)
     offline = pipeline.answer(
         [question], bank, generation=GenerationConfig(max_new_tokens=16, stop_strings=profile.stop_strings,

@@ -1,0 +1,52 @@
+"""/ask with a checkpoint that re-ranks the index's best documents by their sentences
+(AggregatorConfig.rerank_candidates): the service picks what the offline selection picks, from the texts it
+stored, and reports the re-ranked score."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.models.config import DEFAULT_BACKBONE, CMTConfig
+from service.storage.redis_store import RedisMemoryStore
+from tests.conftest import save_model_dirs, small_cmt_config, tiny_gpt2
+from tests.service.api.conftest import REDIS_URL, make_settings
+from tests.service.models.test_sentence_rerank import ANSWERING, NEAR, QUESTION
+
+DOCS = [{"id": "answers", "text": ANSWERING}, {"id": "near", "text": NEAR},
+        {"id": "zurich", "text": "Zurich lies at the north end of Lake Zurich."}]
+
+
+def _dirs(root, bpe_tokenizer, minilm, rerank_candidates: int):
+    base = small_cmt_config(key_encoder=DEFAULT_BACKBONE, key_dim=1024, lexical_key_weight=1.2)
+    config = CMTConfig(base.compressor, dataclasses.replace(base.aggregator, rerank_candidates=rerank_candidates),
+                       base.aligner)
+    return save_model_dirs(root, tiny_gpt2(bpe_tokenizer), bpe_tokenizer, config, minilm)
+
+
+@pytest.mark.parametrize(("rerank_candidates", "expected"), [(0, "near"), (4, "answers")])
+def test_ask_reranks_the_best_candidates_by_their_sentences(
+    tmp_path, bpe_tokenizer, minilm, rerank_candidates, expected
+):
+    settings = make_settings(_dirs(tmp_path, bpe_tokenizer, minilm, rerank_candidates))
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.post("/documents", json={"documents": DOCS}).status_code == 200
+            ask = client.post("/ask", json={"question": QUESTION, "top_k": 1}).json()
+            assert [s["id"] for s in ask["sources"]] == [expected]
+            modules, store = client.app.state.cmt.engine.modules, RedisMemoryStore(REDIS_URL, bank=settings.bank)
+            key = modules.compressor.compress([QUESTION]).key.float()  # (1, d_k)
+            stored = {i: m.key for i, m in zip([d["id"] for d in DOCS], store.get_memories([d["id"] for d in DOCS]),
+                                               strict=True)}
+            key_score = float(key[0] @ stored[expected].float())
+            if rerank_candidates:
+                assert ask["sources"][0]["score"] > key_score + 0.1, "the re-ranked score adds the sentence's"
+                two = client.post("/ask", json={"question": QUESTION, "top_k": 2}).json()
+                assert {s["id"] for s in two["sources"]} == {"answers", "near"}  # (listed newest first)
+            else:
+                assert ask["sources"][0]["score"] == pytest.approx(key_score, abs=1e-3)
+    finally:
+        RedisMemoryStore(REDIS_URL, bank=settings.bank).drop_bank()
