@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="RAG rows: top-k documents in the prompt, comma-separated (\"\" = none)")
     parser.add_argument("--ablation", action="append", default=[], metavar="NAME=CHECKPOINT")
     parser.add_argument("--rows", default=",".join(ROW_GROUPS),
-                        help=f"comma-separated groups of rows to run, of {ROW_GROUPS}")
+                        help=f"comma-separated groups of rows, of {ROW_GROUPS} or cmt-top (the CMT top-k row alone)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="the frozen LLM's dtype (Θ/ψ/π stay float32); the prompt-only cache keeps dtypes apart")

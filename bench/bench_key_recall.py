@@ -1,6 +1,8 @@
 """Recall@1/5 of the gold document with a checkpoint's retrieval keys alone (no memory, no LLM): a minute
 where the full evaluation (bench_eval_smollm2.py) takes an hour on CPU. For a key from a key encoder, also
-each part of it alone (the dense part, the lexical part).
+each part of it alone (the dense part, the lexical part), and, when the checkpoint re-ranks its best candidates by
+their sentences (AggregatorConfig.rerank_candidates), what the service selects and what that costs (sentence
+encodings per document on a cold cache, re-scoring per question on a warm one).
 
     .venv/bin/python bench/bench_key_recall.py --checkpoint models/smollm2-135m-instruct --dataset archivalqa
 
@@ -53,19 +55,24 @@ def main() -> None:
     start = time.perf_counter()
     d, q = keys(compressor, [x["text"] for x in docs]), keys(compressor, [x for x, _ in pairs])
     rows = {"cmt_keys": _recall(q @ d.T, gold)} | key_part_recall(compressor, q, d, gold)
+    header = {"checkpoint": str(args.checkpoint), "compressor_version": config["compressor_version"],
+              "dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(pairs),
+              "seconds": round(time.perf_counter() - start, 1)}
     aggregator = CMTConfig.from_dict(config["cmt"]).aggregator
     if aggregator.rerank_candidates:  # what the service selects: the best C re-scored by their sentences
         C = aggregator.rerank_candidates
         pool = (q @ d.T).topk(max(C, 5), dim=1)  # (Q, max(C, 5)); the ones after C keep their key order
         texts = [[docs[i]["text"] for i in row[:C]] for row in pool.indices.tolist()]
-        scores = rerank_pool(SentenceKeys(compressor.key_encoder), q, pool.values[:, :C], texts,
-                             aggregator.rerank_sentence_weight)  # (Q, C)
+        sentence_keys, start = SentenceKeys(compressor.key_encoder), time.perf_counter()
+        encoded = sentence_keys(list(dict.fromkeys(t for row in texts for t in row)))  # what a cold cache costs
+        cold = time.perf_counter() - start
+        scores = rerank_pool(sentence_keys, q, pool.values[:, :C], texts, aggregator.rerank_sentence_weight)  # (Q, C)
+        header |= {"rerank_docs_encoded": len(encoded), "rerank_sentences": sum(len(e) for e in encoded),
+                   "rerank_ms_per_doc_encoded": round(1e3 * cold / len(encoded), 2),
+                   "rerank_ms_per_question_cached": round(1e3 * (time.perf_counter() - start - cold) / len(pairs), 3)}
         first = pool.indices[:, :C].gather(1, scores.argsort(dim=1, descending=True))  # (Q, C)
         rows[f"cmt_keys_sentence_reranked_top_{C}"] = _recall(torch.cat([first, pool.indices[:, C:]], 1), gold,
                                                                ranked=True)
-    header = {"checkpoint": str(args.checkpoint), "compressor_version": config["compressor_version"],
-              "dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(pairs),
-              "seconds": round(time.perf_counter() - start, 1)}
     write_recall_report(RESULTS / f"key-recall-{args.dataset}-{args.split}.json", header, rows)
 
 

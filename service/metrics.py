@@ -15,8 +15,8 @@ Recorded where they happen:
 - HTTP: `cmt_http_requests_total` and `cmt_http_request_duration_seconds` by route template
   (``/documents/{doc_id}``, unmatched paths as ``unmatched``), method and status;
   `cmt_http_requests_in_flight`. A streamed response is timed until its headers are sent.
-- /ask: `cmt_ask_stage_duration_seconds{stage}` (encode, retrieve, fetch, aggregate, align,
-  generate, queue), `cmt_ask_generated_tokens_total{mode}` (batch: tokens; stream: text pieces
+- /ask: `cmt_ask_stage_duration_seconds{stage}` (encode, retrieve, rerank where the checkpoint re-ranks, fetch,
+  aggregate, align, generate, queue), `cmt_ask_generated_tokens_total{mode}` (batch: tokens; stream: text pieces
   sent, one per token that changed the text), `cmt_ask_time_to_first_token_seconds` (streams).
 - Batchers: `cmt_batch_size{batcher}` and `cmt_batch_duration_seconds{batcher}` (the ingest
   batcher's duration is the compression time of Θ), `cmt_queue_depth{batcher}`.

@@ -225,10 +225,14 @@ def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k
                     **timing, **extra)
 
 
-def cmt_rows(ctx: EvalContext) -> list[dict[str, Any]]:
-    """CMT with its top-k, and over the whole bank MAC-style (all documents up to max_docs)."""
+def cmt_rows(ctx: EvalContext, whole_bank: bool = True) -> list[dict[str, Any]]:
+    """CMT with its top-k, and (whole_bank) over the whole bank MAC-style (all documents up to max_docs)."""
+    rerank = ctx.modules.config.aggregator.rerank_candidates if ctx.modules.sentence_keys is not None else 0
     top = _cmt_row(ctx, f"CMT (top-{ctx.top_k})", ctx.modules, ctx.bank, ctx.top_k, ctx.alpha, ctx.cmt_profile,
-                   family="cmt", note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}")
+                   family="cmt", note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}"
+                   + (f", the best {rerank} re-ranked by their sentences" if rerank else ""))
+    if not whole_bank:
+        return [top]
     n, cap = len(ctx.bank.ids), ctx.modules.config.aggregator.max_docs
     k = whole_bank_k(ctx.modules, ctx.bank)
     if n <= cap:

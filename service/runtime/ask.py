@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -104,9 +104,12 @@ class AskService:
 
     # ---- stages (run in the batcher's thread) ------------------------------------------------
 
-    def _retrieve(self, keys: torch.Tensor, items: list[AskItem]) -> list[list[SearchHit]]:
+    def _retrieve(
+        self, keys: torch.Tensor, items: list[AskItem], lap: Callable[[str], None] = lambda stage: None
+    ) -> list[list[SearchHit]]:
         """Each question's top_k hits: the index's best candidates by key score, re-scored by their sentences when
-        the checkpoint asks for it (AggregatorConfig.rerank_candidates), then chosen with the recency rule."""
+        the checkpoint asks for it (AggregatorConfig.rerank_candidates), then chosen with the recency rule. `lap`
+        marks the end of the "retrieve" and "rerank" stages."""
         if self.index.last_error is not None and len(self.index) == 0:
             raise StorageUnavailableError(f"the memory index is not available: {self.index.last_error.message}")
         modules = self.engine.modules
@@ -115,8 +118,10 @@ class AskService:
                               compressor_version=self.engine.compressor_version)
             for i, item in enumerate(items)
         ]
+        lap("retrieve")
         if modules.sentence_keys is not None:
             found = self._rerank(keys, found)
+            lap("rerank")
         chosen = []
         for item, hits in zip(items, found, strict=True):
             times = [(h.published_at or h.received_at).timestamp() for h in hits]
@@ -187,8 +192,7 @@ class AskService:
 
         q = self.engine.encode_questions([it.question for it in items])  # memory (B, k, d_m), key (B, d_m)
         lap("encode")
-        hits = self._retrieve(q.key, items)
-        lap("retrieve")
+        hits = self._retrieve(q.key, items, lap)
         memories, mask, hits = self._fetch(hits, [it.question for it in items])
         lap("fetch")
         prefix, has_memory = None, mask.any(dim=1)

@@ -37,6 +37,7 @@ def test_ask_reranks_the_best_candidates_by_their_sentences(
             assert client.post("/documents", json={"documents": DOCS}).status_code == 200
             ask = client.post("/ask", json={"question": QUESTION, "top_k": 1}).json()
             assert [s["id"] for s in ask["sources"]] == [expected]
+            assert ("rerank" in ask["timings_ms"]) == bool(rerank_candidates)
             modules, store = client.app.state.cmt.engine.modules, RedisMemoryStore(REDIS_URL, bank=settings.bank)
             key = modules.compressor.compress([QUESTION]).key.float()  # (1, d_k)
             stored = {i: m.key for i, m in zip([d["id"] for d in DOCS], store.get_memories([d["id"] for d in DOCS]),
