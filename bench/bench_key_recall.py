@@ -1,8 +1,9 @@
 """Recall@1/5 of the gold document with a checkpoint's retrieval keys alone (no memory, no LLM): a minute
 where the full evaluation (bench_eval_smollm2.py) takes an hour on CPU. For a key from a key encoder, also
 each part of it alone (the dense part, the lexical part), and, when the checkpoint re-ranks its best candidates by
-their sentences (AggregatorConfig.rerank_candidates), what the service selects and what that costs (sentence
-encodings per document on a cold cache, re-scoring per question on a warm one).
+their word pieces and sentences (AggregatorConfig.rerank_candidates), what the service selects (and the same
+without the lexical stage) and what that costs per question on cold caches (every candidate's sentences encoded
+and word pieces counted) and on warm ones.
 
     .venv/bin/python bench/bench_key_recall.py --checkpoint models/smollm2-135m-instruct --dataset archivalqa
 
@@ -12,6 +13,7 @@ Writes bench/results/key-recall-<dataset>-<split>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 from service.models.checkpoint import MODULE_FILES, read_checkpoint_config
 from service.models.compressor import Compressor
 from service.models.config import CMTConfig
-from service.models.sentence_rerank import SentenceKeys, rerank_pool
+from service.models.sentence_rerank import Reranker
 from trainer.data import load_split
 from trainer.eval_retrieval import _recall, key_part_recall, write_recall_report
 
@@ -59,20 +61,29 @@ def main() -> None:
               "dataset": args.dataset, "split": args.split, "documents": len(docs), "questions": len(pairs),
               "seconds": round(time.perf_counter() - start, 1)}
     aggregator = CMTConfig.from_dict(config["cmt"]).aggregator
-    if aggregator.rerank_candidates:  # what the service selects: the best C re-scored by their sentences
-        C = aggregator.rerank_candidates
-        pool = (q @ d.T).topk(max(C, 5), dim=1)  # (Q, max(C, 5)); the ones after C keep their key order
-        texts = [[docs[i]["text"] for i in row[:C]] for row in pool.indices.tolist()]
-        sentence_keys, start = SentenceKeys(compressor.key_encoder), time.perf_counter()
-        encoded = sentence_keys(list(dict.fromkeys(t for row in texts for t in row)))  # what a cold cache costs
-        cold = time.perf_counter() - start
-        scores = rerank_pool(sentence_keys, q, pool.values[:, :C], texts, aggregator.rerank_sentence_weight)  # (Q, C)
-        header |= {"rerank_docs_encoded": len(encoded), "rerank_sentences": sum(len(e) for e in encoded),
-                   "rerank_ms_per_doc_encoded": round(1e3 * cold / len(encoded), 2),
-                   "rerank_ms_per_question_cached": round(1e3 * (time.perf_counter() - start - cold) / len(pairs), 3)}
-        first = pool.indices[:, :C].gather(1, scores.argsort(dim=1, descending=True))  # (Q, C)
-        rows[f"cmt_keys_sentence_reranked_top_{C}"] = _recall(torch.cat([first, pool.indices[:, C:]], 1), gold,
-                                                               ranked=True)
+    if aggregator.rerank_candidates:  # what the service selects: the best C re-scored (sentence_rerank.Reranker)
+        variants = {"": aggregator}
+        if aggregator.rerank_lexical_weight > 0:  # the same without the lexical stage, for comparison
+            S = min(aggregator.rerank_sentence_candidates or aggregator.rerank_candidates, aggregator.rerank_candidates)
+            variants["_sentences_only"] = dataclasses.replace(aggregator, rerank_lexical_weight=0.0,
+                                                              rerank_candidates=S, rerank_sentence_candidates=0)
+        questions = [x for x, _ in pairs]
+        for suffix, agg in variants.items():
+            C = agg.rerank_candidates
+            pool = (q @ d.T).topk(max(C, 5), dim=1)  # (Q, max(C, 5)); the ones after C keep their key order
+            texts = [[docs[i]["text"] for i in row[:C]] for row in pool.indices.tolist()]
+            reranker, start = Reranker.build(agg, compressor), time.perf_counter()
+            scores = reranker(questions, q, pool.values[:, :C], texts)  # (Q, C), every cache cold
+            cold = time.perf_counter() - start
+            start = time.perf_counter()
+            reranker(questions, q, pool.values[:, :C], texts)  # every cache warm
+            warm = time.perf_counter() - start
+            if not suffix:
+                header |= {"rerank_ms_per_question_first_pass": round(1e3 * cold / len(pairs), 2),
+                           "rerank_ms_per_question_warm_cache": round(1e3 * warm / len(pairs), 3)}
+            first = pool.indices[:, :C].gather(1, scores.argsort(dim=1, descending=True))  # (Q, C)
+            rows[f"cmt_keys_reranked_top_{C}{suffix}"] = _recall(torch.cat([first, pool.indices[:, C:]], 1), gold,
+                                                                 ranked=True)
     write_recall_report(RESULTS / f"key-recall-{args.dataset}-{args.split}.json", header, rows)
 
 

@@ -229,7 +229,7 @@ def evaluate_cmt(
     if exs:
         with torch.no_grad():
             q = modules.compressor.compress([e.question for e in exs])
-            sel = modules.select(q.key.float().cpu(), bank, 1)
+            sel = modules.select([e.question for e in exs], q.key.float().cpu(), bank, 1)
         top1 = [bank.ids[i] for i in sel.indices[:, 0].tolist()]
         result["recall_at_1"] = 100.0 * sum(t == e.doc_id for t, e in zip(top1, exs, strict=True)) / len(exs)
     modules.train(was_training)

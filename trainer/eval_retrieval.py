@@ -92,10 +92,9 @@ def retrieval_recall(
     if margin > 0:
         picked = select_top_k_recent(q, bank.keys.float(), bank.timestamps, 5, margin).indices  # (Q, 5)
         out[f"cmt_keys_recency_margin_{margin:g}"] = _recall(picked, gold, ranked=True)
-    if modules.sentence_keys is not None:
-        picked = modules.select(q, bank, 5).indices  # (Q, 5)
-        out[f"cmt_keys_sentence_reranked_top_{modules.config.aggregator.rerank_candidates}"] = _recall(
-            picked, gold, ranked=True)
+    if modules.reranker is not None:
+        picked = modules.select(questions, q, bank, 5).indices  # (Q, 5)
+        out[f"cmt_keys_reranked_top_{modules.config.aggregator.rerank_candidates}"] = _recall(picked, gold, ranked=True)
     out |= key_part_recall(modules.compressor, q, bank.keys.float(), gold)  # how much each part finds alone
 
     backbone, tok = modules.compressor.backbone, modules.compressor.tokenizer

@@ -227,10 +227,16 @@ def _cmt_row(ctx: EvalContext, name: str, modules: CMTModules, bank: Bank, top_k
 
 def cmt_rows(ctx: EvalContext, whole_bank: bool = True) -> list[dict[str, Any]]:
     """CMT with its top-k, and (whole_bank) over the whole bank MAC-style (all documents up to max_docs)."""
-    rerank = ctx.modules.config.aggregator.rerank_candidates if ctx.modules.sentence_keys is not None else 0
+    a = ctx.modules.config.aggregator
+    rerank = ""
+    if ctx.modules.reranker is not None:
+        sentences = min(a.rerank_sentence_candidates or a.rerank_candidates, a.rerank_candidates)
+        rerank = (f", the best {a.rerank_candidates} re-ranked by their word pieces (BM25, w "
+                  f"{a.rerank_lexical_weight:g}) then the best {sentences} by their sentences"
+                  if a.rerank_lexical_weight > 0
+                  else f", the best {a.rerank_candidates} re-ranked by their sentences")
     top = _cmt_row(ctx, f"CMT (top-{ctx.top_k})", ctx.modules, ctx.bank, ctx.top_k, ctx.alpha, ctx.cmt_profile,
-                   family="cmt", note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}"
-                   + (f", the best {rerank} re-ranked by their sentences" if rerank else ""))
+                   family="cmt", note=f"α={ctx.alpha:g}, recency margin {ctx.margin:g}{rerank}")
     if not whole_bank:
         return [top]
     n, cap = len(ctx.bank.ids), ctx.modules.config.aggregator.max_docs

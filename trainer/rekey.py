@@ -59,8 +59,8 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
           select: dict[str, object] | None = None, alpha: float | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
     lexical_key_weight, stored_picks, num_memory_tokens and pick_rule of a token pool...), ψ's slot-selection fields
-    `select` (select_slots, select_pull, select_own_weight, select_width, rerank_candidates,
-    rerank_sentence_weight: no weights) and the default α changed,
+    `select` (select_slots, select_pull, select_own_weight, select_width and the rerank_* fields: no weights)
+    and the default α changed,
     the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience
     included)."""
     modules, config = load_checkpoint(source, llm.identity, llm.layout)
@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="AggregatorConfig.rerank_candidates (0 = off; default: the source's)")
     parser.add_argument("--rerank-sentence-weight", type=float,
                         help="AggregatorConfig.rerank_sentence_weight (default: the source's)")
+    parser.add_argument("--rerank-sentence-candidates", type=int,
+                        help="AggregatorConfig.rerank_sentence_candidates (0 = all; default: the source's)")
+    parser.add_argument("--rerank-lexical-weight", type=float,
+                        help="AggregatorConfig.rerank_lexical_weight (0 = off; default: the source's)")
     parser.add_argument("--alpha", type=float,
                         help="the default memory-aware decoding weight α the service reads (default: the source's)")
     parser.add_argument("--idf-data", default="squad-train", help="source whose train split fits the lexical IDF")
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     fields = {name: value for name, value in given.items() if value is not None}
     select = {"select_slots": args.select_slots, "select_pull": args.select_pull,
               "select_own_weight": args.select_own_weight, "select_width": args.select_width,
-              "rerank_candidates": args.rerank_candidates, "rerank_sentence_weight": args.rerank_sentence_weight}
+              "rerank_candidates": args.rerank_candidates, "rerank_sentence_weight": args.rerank_sentence_weight,
+              "rerank_sentence_candidates": args.rerank_sentence_candidates,
+              "rerank_lexical_weight": args.rerank_lexical_weight}
     texts = idf_texts(args.idf_data) if fields else []
     out = rekey(args.source, args.target, HFCausalLM.from_pretrained(args.llm), texts,
                 select={name: value for name, value in select.items() if value is not None}, alpha=args.alpha,

@@ -31,7 +31,7 @@ from service.models.config import CMTConfig
 from service.models.llm import Generation, GenerationConfig, LLMBackend
 from service.models.prefix import KVLayout, KVPrefix
 from service.models.prompts import PromptProfile, get_profile
-from service.models.sentence_rerank import SentenceKeys, rerank_pool
+from service.models.sentence_rerank import Reranker
 from service.models.slot_select import question_tokens, read_slots, select_slots, slot_scores
 
 
@@ -45,11 +45,11 @@ class CMTModules(nn.Module):
         self.compressor = compressor
         self.aggregator = Aggregator(config.aggregator, c.memory_dim, config.slots_read)
         self.aligner = Aligner(config.aligner, layout, c.memory_dim, config.slots_read)
-        self.sentence_keys: SentenceKeys | None = None
-        """AggregatorConfig.rerank_candidates: the candidates' sentences, through Θ's key encoder (not a submodule:
-        nothing of it is trained or saved)."""
+        self.reranker: Reranker | None = None
+        """AggregatorConfig.rerank_candidates: what re-scores the candidates, through Θ's key encoder and lexical
+        key (not a submodule: nothing of it is trained or saved)."""
         if config.aggregator.rerank_candidates and compressor.key_encoder is not None:
-            self.sentence_keys = SentenceKeys(compressor.key_encoder)
+            self.reranker = Reranker.build(config.aggregator, compressor)
 
     @classmethod
     def build(cls, config: CMTConfig, layout: KVLayout) -> CMTModules:
@@ -63,20 +63,20 @@ class CMTModules(nn.Module):
     def candidates(self, top_k: int, margin: float) -> int:
         """How many best documents by key score a selection of top_k with this recency margin chooses from."""
         pool = recency_candidates(top_k) if margin > 0 else top_k
-        return max(pool, self.config.aggregator.rerank_candidates) if self.sentence_keys is not None else pool
+        return max(pool, self.config.aggregator.rerank_candidates) if self.reranker is not None else pool
 
-    def select(self, keys: torch.Tensor, bank: Bank, top_k: int) -> Selection:
-        """The top_k documents (B, K) of the bank for question keys (B, d_k): by key score and the recency rule,
-        after re-scoring the best rerank_candidates by their sentences when the config asks for it."""
+    def select(self, questions: Sequence[str], keys: torch.Tensor, bank: Bank, top_k: int) -> Selection:
+        """The top_k documents (B, K) of the bank for questions and their keys (B, d_k): by key score and the
+        recency rule, after re-scoring the best rerank_candidates (`Reranker`) when the config asks for it."""
         a = self.config.aggregator
         bank_keys = bank.keys.to(keys.device)
-        if self.sentence_keys is None:
+        if self.reranker is None:
             return select_top_k_recent(keys, bank_keys, bank.timestamps, top_k, a.recency_margin)
         if not bank.texts:
             raise InvalidInputError("AggregatorConfig.rerank_candidates needs the bank's texts (Bank.texts)")
         pool = select_top_k(keys, bank_keys, self.candidates(top_k, a.recency_margin))  # (B, C)
         texts = [[bank.texts[i] if i >= 0 else None for i in row] for row in pool.indices.tolist()]
-        scores = rerank_pool(self.sentence_keys, keys, pool.scores, texts, a.rerank_sentence_weight)  # (B, C)
+        scores = self.reranker(questions, keys, pool.scores, texts)  # (B, C)
         K = min(top_k, pool.indices.shape[1])
         times = bank.timestamps.double()[pool.indices.clamp(min=0).cpu()].tolist()  # (B, C)
         rows = [select_recent(s, t, K, a.recency_margin) for s, t in zip(scores.tolist(), times, strict=True)]
@@ -201,7 +201,7 @@ class CMTPipeline:
     ) -> list[Answer]:
         top_k = top_k or self.modules.config.aggregator.top_k
         q = self.compress(questions)  # memory (B, k, d_m), key (B, d_m)
-        selection = order_newest_first(self.modules.select(q.key, bank, top_k), bank.timestamps)
+        selection = order_newest_first(self.modules.select(questions, q.key, bank, top_k), bank.timestamps)
         memories, doc_mask = bank.gather(selection)  # (B, K, k, d_m), (B, K)
         slots = None
         if self.modules.config.aggregator.select_slots:

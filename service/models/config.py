@@ -198,12 +198,21 @@ class AggregatorConfig:
     one, decayed by its distance; "sum" = all of them, each decayed, so a stretch holding many of the
     question's words wins (where answers are: the sliding-window baseline of the SQuAD paper)."""
     rerank_candidates: int = 0
-    """C > 0: the index's C best documents by key score are re-scored by their best-matching sentence
-    (service.models.sentence_rerank) before the top_k are taken; needs CompressorConfig.key_encoder, which
-    encodes the sentences. 0 = by key score alone."""
+    """C > 0: the index's C best documents by key score are re-scored (service.models.sentence_rerank.Reranker:
+    by their word pieces, then by their best-matching sentence) before the top_k are taken; needs
+    CompressorConfig.key_encoder, which encodes the sentences. 0 = by key score alone."""
+    rerank_lexical_weight: float = 0.0
+    """rerank_candidates: w_l in key score + w_l · (the candidate's BM25 over the key tokenizer's word pieces,
+    weighted by the lexical key's token weights, divided by the best candidate's); needs
+    CompressorConfig.lexical_key_weight > 0. 0 = no lexical stage."""
+    rerank_lexical_mean_tokens: float = 150.0
+    """BM25's average text length in word pieces (SQuAD-train paragraphs: 151 MiniLM word pieces)."""
+    rerank_sentence_candidates: int = 0
+    """S: the best S candidates after the lexical stage get the sentence term; 0 = all C (a sentence
+    encoding costs ~50-100 ms per paragraph on 2 CPU cores the first time a document is a candidate)."""
     rerank_sentence_weight: float = 0.3
-    """rerank_candidates: w in key score + w · (the question's best cosine with one of the document's
-    sentences), both from the key encoder."""
+    """rerank_candidates: w_s in score + w_s · (the question's best cosine with one of the document's
+    sentences, at least 0), both from the key encoder."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "top_k", "max_docs", "num_layers", "num_heads")
@@ -217,12 +226,7 @@ class AggregatorConfig:
         if self.select_pull not in ("nearest", "sum"):
             raise InvalidInputError(
                 f'AggregatorConfig.select_pull must be "nearest" or "sum", got {self.select_pull!r}')
-        if not isinstance(self.rerank_candidates, int) or self.rerank_candidates < 0:
-            raise InvalidInputError(
-                f"AggregatorConfig.rerank_candidates must be an integer >= 0, got {self.rerank_candidates!r}")
-        if not (self.rerank_sentence_weight >= 0 and math.isfinite(self.rerank_sentence_weight)):
-            raise InvalidInputError("AggregatorConfig.rerank_sentence_weight must be a finite number >= 0, got "
-                                    f"{self.rerank_sentence_weight}")
+        self._check_rerank()
         if self.top_k > self.max_docs:
             raise InvalidInputError(f"AggregatorConfig.top_k={self.top_k} exceeds max_docs={self.max_docs}")
         if self.queries not in ("question", "memories"):
@@ -232,6 +236,18 @@ class AggregatorConfig:
                 f"AggregatorConfig.recency_margin must be in [0, 2] (cosine units), got {self.recency_margin}"
             )
 
+
+    def _check_rerank(self) -> None:
+        for name in ("rerank_candidates", "rerank_sentence_candidates"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise InvalidInputError(f"AggregatorConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("rerank_sentence_weight", "rerank_lexical_weight"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise InvalidInputError(
+                    f"AggregatorConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (self.rerank_lexical_mean_tokens > 0 and math.isfinite(self.rerank_lexical_mean_tokens)):
+            raise InvalidInputError("AggregatorConfig.rerank_lexical_mean_tokens must be a finite number > 0, got "
+                                    f"{self.rerank_lexical_mean_tokens}")
 
 @dataclass
 class AlignerConfig:
@@ -302,6 +318,9 @@ class CMTConfig:
         if self.aggregator.rerank_candidates and not self.compressor.key_encoder:
             raise InvalidInputError("AggregatorConfig.rerank_candidates needs CompressorConfig.key_encoder: it "
                                     "encodes the candidates' sentences")
+        if self.aggregator.rerank_lexical_weight > 0 and not self.compressor.lexical_key_weight > 0:
+            raise InvalidInputError("AggregatorConfig.rerank_lexical_weight needs CompressorConfig.lexical_key_weight "
+                                    "> 0: its token weights are the terms' IDF")
 
     @property
     def slots_read(self) -> int:

@@ -1,17 +1,21 @@
-"""Re-scoring the index's best documents by their best-matching sentence (AggregatorConfig.rerank_candidates).
+"""Re-scoring the index's best documents: by their word pieces, then by their best-matching sentence
+(AggregatorConfig.rerank_*).
 
-Letters: B questions, C candidates per question, S sentences of a document, d_s the key encoder's width.
+Letters: B questions, C candidates per question, C2 ≤ C of them in the sentence stage, S sentences of a
+document, d_s the key encoder's width.
 
 Why: the retrieval key pools a whole paragraph into one vector, while a question asks about one of its
 sentences, and the paragraphs of one article share its names and topics: pooled, they blur. On the SQuAD
 test stream (1,665 paragraphs of 48 articles) the key finds a question's paragraph first for 76.8% of the
-8,611 questions and among its best 4 for 93.2%. Re-scoring those 4 by key score + w · (the question's best
-cosine with one sentence of the document, from the same frozen key encoder) puts it first for 79.9%
-(SQuAD-train valid, where C = 4 and w = 0.3 were chosen: 81.5 → 84.2; bench/bench_key_recall.py).
+8,611 questions, among its best 4 for 93.2% and among its best 16 for 98.0%. Re-scoring the best 4 by key
+score + 0.3 · (the question's best cosine with one sentence of the document, from the same frozen key encoder)
+put it first for 79.9%. Re-scoring the best 16 first by their BM25 over word pieces (`lexical_rerank`, weight
+0.12), then the best 4 of those by their sentences (weight 0.6), puts it first for 81.8% (SQuAD-train valid,
+where these were chosen: 83.4 → 85.2; bench/bench_key_recall.py), for the same sentence encodings.
 
-The index keeps one key per document: sentences are encoded only for a question's candidates, from the
-stored text, and kept in an LRU cache by content, so a document asked about again costs nothing.
-"""
+The index keeps one key per document: sentences are encoded and word pieces counted only for a question's
+candidates, from the stored text, and kept in LRU caches by content, so a document asked about again costs
+nothing."""
 
 from __future__ import annotations
 
@@ -19,12 +23,18 @@ import hashlib
 import re
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from cachetools import LRUCache
 
+from service.models.config import AggregatorConfig
 from service.models.key_encoder import KeyEncoder
+from service.models.lexical_rerank import CandidateTerms
+
+if TYPE_CHECKING:
+    from service.models.compressor import Compressor
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 """A sentence ends at . ! or ? followed by space and a capital or a digit (optionally after a quote or
@@ -88,31 +98,43 @@ class SentenceKeys:
         return out
 
 
-def rerank_scores(
-    key_scores: torch.Tensor, questions: torch.Tensor, sentences: Sequence[Sequence[torch.Tensor | None]],
-    weight: float,
-) -> torch.Tensor:
-    """key_scores (B, C) (-inf where padded) + weight · the best sentence cosine of each candidate.
+class Reranker:
+    """What re-scores the index's best documents (AggregatorConfig.rerank_*): the best C by key score get
+    + rerank_lexical_weight · their BM25 over word pieces divided by the best's (`lexical_rerank`), then the
+    best rerank_sentence_candidates of those + rerank_sentence_weight · the question's best sentence cosine.
+    The sentence term is at least 0, so a candidate left out of the second stage never overtakes one in it."""
 
-    questions (B, d_s) from `question_dense`; sentences[b][c] (S, d_s) from SentenceKeys (None where padded).
-    """
-    best = torch.zeros_like(key_scores, dtype=torch.float32)  # (B, C)
-    for b, row in enumerate(sentences):
-        for c, keys in enumerate(row):
-            if keys is not None:
-                best[b, c] = (keys.float() @ questions[b].float()).max()  # (S,) → ()
-    return key_scores.float() + weight * best  # (B, C)
+    def __init__(self, config: AggregatorConfig, sentence_keys: SentenceKeys, terms: CandidateTerms | None) -> None:
+        self.config = config
+        self.sentence_keys = sentence_keys
+        self.terms = terms
 
+    @classmethod
+    def build(cls, config: AggregatorConfig, compressor: Compressor, cache_docs: int = 20_000) -> Reranker:
+        """From Θ's key encoder and, with rerank_lexical_weight > 0, its lexical key's token weights."""
+        terms = None
+        if config.rerank_lexical_weight > 0:
+            terms = CandidateTerms(compressor.key_encoder.tokenizer, compressor.lexical_key,
+                                   config.rerank_lexical_mean_tokens, cache_docs)
+        return cls(config, SentenceKeys(compressor.key_encoder, cache_docs), terms)
 
-def rerank_pool(
-    sentence_keys: SentenceKeys, keys: torch.Tensor, pool_scores: torch.Tensor,
-    pool_texts: Sequence[Sequence[str | None]], weight: float,
-) -> torch.Tensor:
-    """The candidates' new scores (B, C), on the CPU (where the sentence keys are cached): keys (B, d_k) the
-    questions' retrieval keys, pool_scores (B, C) their key scores (-inf where padded), pool_texts[b][c] the
-    candidate's text (None where padded)."""
-    distinct = list(dict.fromkeys(t for row in pool_texts for t in row if t is not None))
-    encoded = dict(zip(distinct, sentence_keys(distinct), strict=True))
-    sentences = [[None if t is None else encoded[t] for t in row] for row in pool_texts]
-    questions = question_dense(keys, sentence_keys.width).cpu()  # (B, d_s)
-    return rerank_scores(pool_scores.cpu(), questions, sentences, weight)  # (B, C)
+    def __call__(self, questions: Sequence[str], keys: torch.Tensor, pool_scores: torch.Tensor,
+                 pool_texts: Sequence[Sequence[str | None]]) -> torch.Tensor:
+        """The candidates' new scores (B, C), on the CPU (where the caches are): questions and their retrieval
+        keys (B, d_k), pool_scores (B, C) their key scores (-inf where padded), pool_texts[b][c] the candidate's
+        text (None where padded)."""
+        scores = pool_scores.float().cpu()  # (B, C)
+        if self.terms is not None:
+            scores = scores + self.config.rerank_lexical_weight * self.terms.scores(questions, pool_texts)  # (B, C)
+        C2 = min(self.config.rerank_sentence_candidates or scores.shape[1], scores.shape[1])
+        staged = scores.topk(C2, dim=1).indices.tolist()  # (B, C2) the sentence stage's candidates
+        texts = [[pool_texts[b][c] for c in row] for b, row in enumerate(staged)]
+        distinct = list(dict.fromkeys(t for row in texts for t in row if t is not None))
+        encoded = dict(zip(distinct, self.sentence_keys(distinct), strict=True))
+        questions_dense = question_dense(keys, self.sentence_keys.width).cpu()  # (B, d_s)
+        for b, row in enumerate(staged):
+            for c, text in zip(row, texts[b], strict=True):
+                if text is not None:
+                    best = (encoded[text].float() @ questions_dense[b]).max().clamp(min=0)  # (S,) → ()
+                    scores[b, c] += self.config.rerank_sentence_weight * best
+        return scores  # (B, C)

@@ -19,7 +19,6 @@ from service.errors import InvalidInputError, PayloadTooLargeError, StorageUnava
 from service.models.aggregator import newest_first, select_recent
 from service.models.llm import Generation, GenerationConfig, TextPieces
 from service.models.prefix import KVPrefix
-from service.models.sentence_rerank import rerank_pool
 from service.models.slot_select import read_slots
 from service.runtime.batcher import MicroBatcher
 from service.runtime.engine import Engine
@@ -119,8 +118,8 @@ class AskService:
             for i, item in enumerate(items)
         ]
         lap("retrieve")
-        if modules.sentence_keys is not None:
-            found = self._rerank(keys, found)
+        if modules.reranker is not None:
+            found = self._rerank([item.question for item in items], keys, found)
             lap("rerank")
         chosen = []
         for item, hits in zip(items, found, strict=True):
@@ -129,8 +128,10 @@ class AskService:
                                                             item.recency_margin)])
         return chosen
 
-    def _rerank(self, keys: torch.Tensor, found: list[list[SearchHit]]) -> list[list[SearchHit]]:
-        """The hits with their sentence re-ranked scores (`sentence_rerank.rerank_pool`), from the stored texts
+    def _rerank(
+        self, questions: list[str], keys: torch.Tensor, found: list[list[SearchHit]]
+    ) -> list[list[SearchHit]]:
+        """The hits with their re-ranked scores (`sentence_rerank.Reranker`), from the stored texts
         read in one Redis round trip; a document deleted meanwhile keeps its key score (the fetch drops it)."""
         ids = sorted({h.id for row in found for h in row})
         if not ids:
@@ -141,8 +142,7 @@ class AskService:
         for b, row in enumerate(found):
             pool[b, : len(row)] = torch.tensor([h.score for h in row])
         pool_texts = [[texts[h.id] for h in row] + [None] * (C - len(row)) for row in found]
-        a = self.engine.modules.config.aggregator
-        scores = rerank_pool(self.engine.modules.sentence_keys, keys, pool, pool_texts, a.rerank_sentence_weight)
+        scores = self.engine.modules.reranker(questions, keys, pool, pool_texts)  # (B, C)
         return [[h if texts[h.id] is None else dataclasses.replace(h, score=float(scores[b, j]))
                  for j, h in enumerate(row)] for b, row in enumerate(found)]
 

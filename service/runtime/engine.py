@@ -21,7 +21,7 @@ from service.models.cmt import CMTModules
 from service.models.compressor import ChunkedBatch, Compressed
 from service.models.llm import Generation, GenerationConfig, HFCausalLM, LLMBackend
 from service.models.prompts import PromptProfile, get_profile
-from service.models.sentence_rerank import SentenceKeys
+from service.models.sentence_rerank import Reranker
 from service.settings import Settings
 from service.storage import codec
 
@@ -86,8 +86,9 @@ class Engine:
                                       cache_dir=settings.llm_cache_dir)
         checkpoint = settings.checkpoint  # a missing or foreign one is refused with a message naming both LLMs
         modules, config = load_checkpoint(checkpoint, llm.identity, llm.layout, settings.device)
-        if modules.sentence_keys is not None:
-            modules.sentence_keys = SentenceKeys(modules.sentence_keys.encoder, settings.rerank_cache_docs)
+        if modules.reranker is not None:
+            modules.reranker = Reranker.build(modules.config.aggregator, modules.compressor,
+                                              settings.rerank_cache_docs)
         alpha = float(config.get("metrics", {}).get("alpha", 0.0))
         if alpha > 0 and getattr(llm, "alpha_refusal", None):  # requests may not ask for it; nor may the default
             log.warning("checkpoint trained with alpha=%s; the %s engine answers with alpha=0", alpha, settings.engine)

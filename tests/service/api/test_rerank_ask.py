@@ -20,18 +20,21 @@ DOCS = [{"id": "answers", "text": ANSWERING}, {"id": "near", "text": NEAR},
         {"id": "zurich", "text": "Zurich lies at the north end of Lake Zurich."}]
 
 
-def _dirs(root, bpe_tokenizer, minilm, rerank_candidates: int):
+def _dirs(root, bpe_tokenizer, minilm, rerank_candidates: int, **rerank):
     base = small_cmt_config(key_encoder=DEFAULT_BACKBONE, key_dim=1024, lexical_key_weight=1.2)
-    config = CMTConfig(base.compressor, dataclasses.replace(base.aggregator, rerank_candidates=rerank_candidates),
-                       base.aligner)
+    aggregator = dataclasses.replace(base.aggregator, rerank_candidates=rerank_candidates, **rerank)
+    config = CMTConfig(base.compressor, aggregator, base.aligner)
     return save_model_dirs(root, tiny_gpt2(bpe_tokenizer), bpe_tokenizer, config, minilm)
 
 
-@pytest.mark.parametrize(("rerank_candidates", "expected"), [(0, "near"), (4, "answers")])
+@pytest.mark.parametrize(("rerank_candidates", "rerank", "expected"), [
+    (0, {}, "near"), (4, {}, "answers"),
+    (4, {"rerank_lexical_weight": 0.12, "rerank_sentence_candidates": 2, "rerank_sentence_weight": 0.6}, "answers"),
+])
 def test_ask_reranks_the_best_candidates_by_their_sentences(
-    tmp_path, bpe_tokenizer, minilm, rerank_candidates, expected
+    tmp_path, bpe_tokenizer, minilm, rerank_candidates, rerank, expected
 ):
-    settings = make_settings(_dirs(tmp_path, bpe_tokenizer, minilm, rerank_candidates))
+    settings = make_settings(_dirs(tmp_path, bpe_tokenizer, minilm, rerank_candidates, **rerank))
     try:
         with TestClient(create_app(settings)) as client:
             assert client.post("/documents", json={"documents": DOCS}).status_code == 200
@@ -45,6 +48,10 @@ def test_ask_reranks_the_best_candidates_by_their_sentences(
             key_score = float(key[0] @ stored[expected].float())
             if rerank_candidates:
                 assert ask["sources"][0]["score"] > key_score + 0.1, "the re-ranked score adds the sentence's"
+                # the answering text has the pool's best BM25, so alone it scores as it did among the others
+                pool = (key[0] @ stored[expected].float())[None, None]  # (1, 1)
+                offline = modules.reranker([QUESTION], key, pool, [[ANSWERING]])
+                assert ask["sources"][0]["score"] == pytest.approx(float(offline[0, 0]), abs=1e-3)
                 two = client.post("/ask", json={"question": QUESTION, "top_k": 2}).json()
                 assert {s["id"] for s in two["sources"]} == {"answers", "near"}  # (listed newest first)
             else:
