@@ -90,8 +90,8 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(32, gt=0)
     max_top_k: int = Field(16, gt=0)
     rerank_cache_docs: int = Field(20_000, gt=0)
-    """Documents whose sentence embeddings the re-ranker keeps (LRU; a checkpoint with
-    AggregatorConfig.rerank_candidates): ~4 KB each for a SQuAD paragraph's five sentences."""
+    """Documents whose sentence embeddings, and whose word-piece counts, the re-ranker keeps (two LRU caches; a
+    checkpoint with AggregatorConfig.rerank_candidates): ~4 KB and ~1.2 KB each for a SQuAD paragraph."""
 
     # ---- batching and backpressure -------------------------------------------------------------
     ingest_batch_size: int = Field(32, gt=0)

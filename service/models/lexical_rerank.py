@@ -7,23 +7,21 @@ neither how often a word occurs nor how long the text is, and unrelated tokens s
 index's best C that approximation can be replaced by the real thing: BM25 (k1 1.5, b 0.75) over the key
 tokenizer's word pieces, each term weighted by the lexical key's learned token weight (it started as the
 training corpus' BM25 IDF), so no statistics of the bank are needed. A candidate's score is divided by the
-best candidate's, so the weight means the same for every question. On SQuAD-train valid (1,000 questions,
-where C = 16 and the weights were chosen) this with the sentence re-ranker puts the gold paragraph first for
-85.2% instead of 83.4% (sentences alone on the best 4), on the SQuAD test stream (8,611) for 81.8% instead of
-79.9% (bench/bench_key_recall.py). A whole-bank BM25 (bm25s, z-scored) did about as well on valid (86.0) but
-needs a term index of the bank kept beside the key index.
+best candidate's, so the weight means the same for every question. On SQuAD-train valid (its first 1,000
+questions, where C = 16 and the weights were chosen) this before the sentence stage puts the gold paragraph first
+for 85.1% instead of 83.3% (sentences alone on the best 4), on the SQuAD test stream (8,611) for 81.8% instead of
+79.9% (bench/bench_key_recall.py). BM25 over the whole bank would need a term index of the bank kept beside the
+key index; over the candidates, with the checkpoint's weights as IDF, it needs nothing of the bank.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Sequence
 
 import torch
-from cachetools import LRUCache
 from transformers import PreTrainedTokenizerBase
 
+from service.models.content_cache import ContentCache
 from service.models.lexical_key import LexicalKey
 
 K1, B_LENGTH = 1.5, 0.75
@@ -32,7 +30,7 @@ K1, B_LENGTH = 1.5, 0.75
 
 class CandidateTerms:
     """BM25 of questions against candidate texts over a tokenizer's word pieces, with given token weights as
-    IDF. Each text's distinct token ids and counts are kept in an LRU cache keyed by the text's digest."""
+    IDF. Each text's distinct token ids and counts are kept in an LRU cache keyed by the text's content."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, lexical_key: LexicalKey, mean_tokens: float,
                  cache_docs: int = 20_000) -> None:
@@ -42,26 +40,21 @@ class CandidateTerms:
         self.tokenizer = tokenizer
         self.lexical_key = lexical_key
         self.mean_tokens = mean_tokens
-        self._cache: LRUCache[str, tuple[torch.Tensor, torch.Tensor, int]] = LRUCache(maxsize=max(1, cache_docs))
-        self._lock = threading.Lock()  # shared by the ask batcher's and the warm-up's threads
+        self._cache: ContentCache[tuple[torch.Tensor, torch.Tensor, int]] = ContentCache(cache_docs)
 
     def _ids(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
     def term_counts(self, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """Per text: its distinct ids (T,), their counts (T,) and its length in word pieces."""
-        digests = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
-        with self._lock:
-            found = {d: self._cache[d] for d in digests if d in self._cache}
-        missing = {d: t for d, t in zip(digests, texts, strict=True) if d not in found}
-        if missing:
-            for d, ids in zip(missing, self._ids(list(missing.values())), strict=True):
-                distinct, counts = torch.as_tensor(ids, dtype=torch.long).unique(return_counts=True)  # (T,), (T,)
-                found[d] = (distinct, counts.float(), len(ids))
-            with self._lock:
-                for d in missing:
-                    self._cache[d] = found[d]
-        return [found[d] for d in digests]
+        return self._cache.get(texts, self._count)
+
+    def _count(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        out = []
+        for ids in self._ids(texts):
+            distinct, counts = torch.as_tensor(ids, dtype=torch.long).unique(return_counts=True)  # (T,), (T,)
+            out.append((distinct, counts.float(), len(ids)))
+        return out
 
     def scores(self, questions: Sequence[str], pool_texts: Sequence[Sequence[str | None]]) -> torch.Tensor:
         """(B, C) each candidate's BM25 divided by the row's best (0 where padded or nothing matches)."""

@@ -7,11 +7,11 @@ document, d_s the key encoder's width.
 Why: the retrieval key pools a whole paragraph into one vector, while a question asks about one of its
 sentences, and the paragraphs of one article share its names and topics: pooled, they blur. On the SQuAD
 test stream (1,665 paragraphs of 48 articles) the key finds a question's paragraph first for 76.8% of the
-8,611 questions, among its best 4 for 93.2% and among its best 16 for 98.0%. Re-scoring the best 4 by key
+8,611 questions and among its best 4 for 93.2%. Re-scoring the best 4 by key
 score + 0.3 · (the question's best cosine with one sentence of the document, from the same frozen key encoder)
 put it first for 79.9%. Re-scoring the best 16 first by their BM25 over word pieces (`lexical_rerank`, weight
 0.12), then the best 4 of those by their sentences (weight 0.6), puts it first for 81.8% (SQuAD-train valid,
-where these were chosen: 83.4 → 85.2; bench/bench_key_recall.py), for the same sentence encodings.
+where these were chosen: 83.3 → 85.1; bench/bench_key_recall.py), for the same sentence encodings.
 
 The index keeps one key per document: sentences are encoded and word pieces counted only for a question's
 candidates, from the stored text, and kept in LRU caches by content, so a document asked about again costs
@@ -19,17 +19,15 @@ nothing."""
 
 from __future__ import annotations
 
-import hashlib
 import re
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from cachetools import LRUCache
 
 from service.models.config import AggregatorConfig
+from service.models.content_cache import ContentCache
 from service.models.key_encoder import KeyEncoder
 from service.models.lexical_rerank import CandidateTerms
 
@@ -58,31 +56,18 @@ class SentenceKeys:
     def __init__(self, encoder: KeyEncoder, cache_docs: int = 20_000, batch_size: int = 32) -> None:
         self.encoder = encoder
         self.batch_size = batch_size
-        self._cache: LRUCache[str, torch.Tensor] = LRUCache(maxsize=max(1, cache_docs))
-        self._lock = threading.Lock()  # the cache is shared by the ask batcher's and the warm-up's threads
+        self._cache: ContentCache[torch.Tensor] = ContentCache(cache_docs)
 
     @property
     def width(self) -> int:
         return self.encoder.width
 
     def __call__(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        digests = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
-        found: dict[str, torch.Tensor] = {}
-        with self._lock:
-            for d in digests:
-                if d in self._cache:
-                    found[d] = self._cache[d]
-        missing = {d: t for d, t in zip(digests, texts, strict=True) if d not in found}
-        if missing:
-            found |= self._encode(missing)
-            with self._lock:
-                for d in missing:
-                    self._cache[d] = found[d]
-        return [found[d] for d in digests]
+        return self._cache.get(texts, self._encode)
 
-    def _encode(self, texts: dict[str, str]) -> dict[str, torch.Tensor]:
-        parts = {d: split_sentences(t) for d, t in texts.items()}
-        flat = [s for sentences in parts.values() for s in sentences]
+    def _encode(self, texts: list[str]) -> list[torch.Tensor]:
+        parts = [split_sentences(t) for t in texts]
+        flat = [s for sentences in parts for s in sentences]
         # batches of similar lengths: padding to a batch's longest sentence doubled the cost on SQuAD paragraphs
         order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
         device = next(self.encoder.parameters()).device
@@ -91,11 +76,7 @@ class SentenceKeys:
             rows = order[i : i + self.batch_size]
             windows = self.encoder.tokenize([flat[j] for j in rows]).to(device)
             embedded[rows] = self.encoder(windows).to("cpu", torch.float16)  # (b, d_s)
-        out, start = {}, 0
-        for d, sentences in parts.items():
-            out[d] = embedded[start : start + len(sentences)]  # (S, d_s)
-            start += len(sentences)
-        return out
+        return list(embedded.split([len(sentences) for sentences in parts]))  # each (S, d_s)
 
 
 class Reranker:
