@@ -208,8 +208,8 @@ class AggregatorConfig:
     rerank_lexical_mean_tokens: float = 150.0
     """BM25's average text length in word pieces (SQuAD-train paragraphs: 151 MiniLM word pieces)."""
     rerank_sentence_candidates: int = 0
-    """S: the best S candidates after the lexical stage get the sentence term; 0 = all C (a sentence
-    encoding costs ~50-100 ms per paragraph on 2 CPU cores the first time a document is a candidate)."""
+    """C2: the best C2 candidates after the lexical stage get the sentence term; 0 = all C (encoding a
+    document's sentences is the re-ranker's main cost, paid the first time the document is a candidate)."""
     rerank_sentence_weight: float = 0.3
     """rerank_candidates: w_s in score + w_s · (the question's best cosine with one of the document's
     sentences, at least 0), both from the key encoder."""

@@ -98,8 +98,7 @@ def test_reranking_needs_the_banks_texts_and_a_key_encoder(minilm, bpe_tokenizer
                                                              rerank_lexical_weight=0.1), unweighted.aligner)
 
 
-def test_lexical_stage_lifts_the_document_repeating_the_asked_name_and_sentences_score_only_the_best_s(
-        minilm, bpe_tokenizer):
+def test_lexical_stage_adds_the_normalised_bm25_and_only_the_best_c2_get_the_sentence_term(minilm, bpe_tokenizer):
     question = "Who founded Vintrova?"
     founding = "Vintrova was founded by Ada Lind. Vintrova grew fast. Vintrova now employs 400 people."
     other = "Vintrova is a name. Many towns have rivers and bridges and old churches and markets."
