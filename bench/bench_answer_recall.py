@@ -1,10 +1,12 @@
 """Do the slots a question reads hold its answer? Gold document forced, no LLM: for each question, whether
 every token of a gold answer is among the document's stored token picks, and among the p slots the question
-chooses, for each slot-selection rule (AggregatorConfig.select_pull × select_own_weight × select_width).
+chooses, for each slot-selection rule (AggregatorConfig.select_pull × select_own_weight × select_width); and
+whether the answer's tokens appear in a row, in order, among the chosen slots as the LLM reads them (a
+"2003" read as "203" holds every token of the answer but not the answer).
 A cheap proxy for bench_slot_choice.py's answers: a slot rule is worth its LLM run when it holds more answers.
 
     .venv/bin/python bench/bench_answer_recall.py --checkpoint models/smollm2-135m-instruct \\
-        [--questions 300] [--pick-rules stretch,distinct] [--pulls nearest,sum] [--own-weights 0,0.3] \\
+        [--questions 300] [--pick-rules stretch,distinct,spaced] [--pulls nearest,sum] [--own-weights 0,0.3] \\
         [--widths 8,16,32]
 
 writes bench/results/answer-recall-<data>-<split>.json.
@@ -46,11 +48,17 @@ def holds(tokens: set[int], answers: list[list[int]]) -> bool:
     return any(ids and all(t in tokens for t in ids) for ids in answers)
 
 
+def holds_in_a_row(read: list[int], answers: list[list[int]]) -> bool:
+    """Whether some gold answer's tokens are a run of the tokens read, in order."""
+    return any(ids and any(read[i : i + len(ids)] == ids for i in range(len(read) - len(ids) + 1)) for ids in answers)
+
+
 @torch.inference_mode()
 def recall(theta: Compressor, a: AggregatorConfig, exs: list, rules: list[tuple[str, float, float]]) -> dict:
     """% of questions whose whole answer is among the stored slots, and among the chosen ones per rule."""
     salience = theta.token_pool.token_salience.detach()  # (V,)
-    chosen_hits, stored_hits = dict.fromkeys(rules, 0), 0
+    spaced = theta.config.pick_rule == "spaced"
+    chosen_hits, in_a_row, stored_hits = dict.fromkeys(rules, 0), dict.fromkeys(rules, 0), 0
     for i in range(0, len(exs), BATCH):
         part = exs[i : i + BATCH]
         ids, weights = theta.compress([e.document for e in part]).picks  # (b, k, m)
@@ -59,15 +67,20 @@ def recall(theta: Compressor, a: AggregatorConfig, exs: list, rules: list[tuple[
                                 salience, a.select_min_salience)  # (b, V)
         answers = [answer_token_ids(theta.tokenizer, e.answers) for e in part]
         heaviest = ids[:, 0, :, 0].tolist()  # (b, k) each slot's heaviest pick
-        stored_hits += sum(holds(set(h), ans) for h, ans in zip(heaviest, answers, strict=True))
+        filled = (weights[:, 0].float().sum(-1) > 0).tolist()  # (b, k) False = a continuation slot
+        stored_hits += sum(holds({t for t, f in zip(h, hf, strict=True) if f}, ans)
+                           for h, hf, ans in zip(heaviest, filled, answers, strict=True))
         for rule in rules:
             pull, own, width = rule
-            slots = select_slots(slot_scores(asked, ids, weights, salience, width, own, pull), a.select_slots)
-            for h, ans, s in zip(heaviest, answers, slots.tolist(), strict=True):
-                chosen_hits[rule] += holds({h[j] for j in s}, ans)
+            scores = slot_scores(asked, ids, weights, salience, width, own, pull, spaced=spaced)
+            slots = select_slots(scores, a.select_slots)  # (b, p)
+            for h, hf, ans, s in zip(heaviest, filled, answers, slots.tolist(), strict=True):
+                chosen_hits[rule] += holds({h[j] for j in s if hf[j]}, ans)
+                in_a_row[rule] += holds_in_a_row([h[j] for j in s if hf[j]], ans)  # a weight-0 slot reads as nothing
     n = len(exs)
     return {"answer_in_stored_slots": 100 * stored_hits / n,
-            "answer_in_chosen_slots": [{"pull": p, "own_weight": o, "width": w, "percent": 100 * h / n}
+            "answer_in_chosen_slots": [{"pull": p, "own_weight": o, "width": w, "percent": 100 * h / n,
+                                        "in_a_row_percent": 100 * in_a_row[(p, o, w)] / n}
                                        for (p, o, w), h in chosen_hits.items()]}
 
 
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--own-weights", default="0,0.3")
     parser.add_argument("--widths", default="8,16,32")
     parser.add_argument("--pick-rules", default="",
-                        help="CompressorConfig.pick_rule values: stretch, distinct (default: the checkpoint's)")
+                        help="CompressorConfig.pick_rule values: stretch, distinct, spaced (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)

@@ -61,7 +61,7 @@ def variant(modules: CMTModules, layout, stored: int, picks: int, read: int, wid
 
 
 @torch.inference_mode()
-def scores(modules: CMTModules, llm: HFCausalLM, exs: list, profile) -> dict:
+def scores(modules: CMTModules, llm: HFCausalLM, exs: list, profile, alpha: float = 0.0) -> dict:
     """Each question answered with its gold document's memory (the slots it chooses, when it chooses)."""
     prompts = CMTPipeline(modules, llm, profile).prompts([e.question for e in exs])
     preds = []
@@ -74,7 +74,7 @@ def scores(modules: CMTModules, llm: HFCausalLM, exs: list, profile) -> dict:
             slots = modules.choose_slots([e.question for e in part], docs.picks[0][:, None], docs.picks[1][:, None])
         prefix, has = modules.prefix(q.memory, docs.memory[:, None], torch.ones(len(part), 1, dtype=torch.bool), llm,
                                      slots)
-        gen = generation_config(0.0, 16, profile)
+        gen = generation_config(alpha, 16, profile)
         preds += [g.text for g in llm.generate(prompts[i : i + BATCH], prefix, has, gen)]
     return aggregate(preds, [e.answers for e in exs])
 
@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read", type=int, default=0, help="slots each question reads (0 = the checkpoint's)")
     parser.add_argument("--pulls", default="nearest", help="select_pull values: nearest, sum")
     parser.add_argument("--own-weights", default="", help="select_own_weight values (default: the checkpoint's)")
-    parser.add_argument("--pick-rules", default="", help="CompressorConfig.pick_rule values: stretch, distinct "
-                        "(distinct needs --picks 1; default: the checkpoint's)")
+    parser.add_argument("--pick-rules", default="", help="CompressorConfig.pick_rule values: stretch, distinct, "
+                        "packed (distinct and spaced need --picks 1; default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, default=0.0,
+                        help="memory-aware decoding weight α (the service's default is the checkpoint's metrics.alpha)")
     parser.add_argument("--skip-checkpoint-row", action="store_true", help="no row for the checkpoint as it is")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = {"stored": base.num_memory_tokens, "picks": base.stored_picks, "read": modules.config.slots_read,
              "width": modules.config.aggregator.select_width if modules.config.aggregator.select_slots else None}
     if not args.skip_checkpoint_row:
-        rows.append({**plain, **scores(modules, llm, exs, profile)})
+        rows.append({**plain, **scores(modules, llm, exs, profile, args.alpha)})
         print(rows[-1], flush=True)
     owns = [float(w) for w in args.own_weights.split(",") if w] or [modules.config.aggregator.select_own_weight]
     pick_rules = args.pick_rules.split(",") if args.pick_rules else [base.pick_rule]
@@ -121,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     for stored, picks, width, pull, own, pick_rule in grid:
         chosen = variant(modules, llm.layout, stored, picks, read, width, pull, own, pick_rule)
         rows.append({"stored": stored, "picks": picks, "pick_rule": pick_rule, "read": read, "width": width,
-                     "pull": pull, "own_weight": own, **scores(chosen, llm, exs, profile)})
+                     "pull": pull, "own_weight": own, **scores(chosen, llm, exs, profile, args.alpha)})
         print(rows[-1], flush=True)
     report = {"checkpoint": str(args.checkpoint), "data": f"{args.data} {args.split}", "questions": len(exs),
+              "alpha": args.alpha,
               "gold_document_forced": True, "seconds": time.perf_counter() - start,
               "command": "python bench/bench_slot_choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}

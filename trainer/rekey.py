@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stored-picks", type=int, help="CompressorConfig.stored_picks (default: the source's)")
     parser.add_argument("--num-memory-tokens", type=int,
                         help="CompressorConfig.num_memory_tokens, stored slots of a token pool (default: the source's)")
-    parser.add_argument("--pick-rule", choices=["stretch", "distinct"],
+    parser.add_argument("--pick-rule", choices=["stretch", "distinct", "spaced"],
                         help="CompressorConfig.pick_rule, what a token pool's slots hold (default: the source's)")
     parser.add_argument("--select-slots", type=int, help="AggregatorConfig.select_slots (default: the source's)")
     parser.add_argument("--select-pull", choices=["nearest", "sum"],

@@ -96,7 +96,8 @@ class CMTModules(nn.Module):
         token_ids = self.compressor.tokenizer(list(questions), add_special_tokens=False, verbose=False)["input_ids"]
         asked = question_tokens(token_ids, salience, a.select_min_salience)  # (B, V)
         scores = slot_scores(asked, ids.to(salience.device), weights.to(salience.device), salience, a.select_width,
-                             a.select_own_weight, a.select_pull)  # (B, K, k)
+                             a.select_own_weight, a.select_pull,
+                             spaced=self.config.compressor.pick_rule == "spaced")  # (B, K, k)
         return select_slots(scores, a.select_slots, doc_mask)  # (B, p)
 
     def prefix(

@@ -25,7 +25,7 @@ from service.models.config import DEFAULT_BACKBONE, CompressorConfig
 from service.models.key_encoder import KeyEncoder, KeyWindows, mean_pool
 from service.models.lexical_key import LexicalKey
 from service.models.llm_source import resolve_llm
-from service.models.token_pool import TokenPool, mix_picks
+from service.models.token_pool import ONE_TOKEN_RULES, TokenPool, mix_picks
 from service.models.windows import WindowTokenizer
 
 
@@ -231,7 +231,7 @@ class Compressor(nn.Module):
 
     def _backbone_states(self, batch: ChunkedBatch) -> torch.Tensor:
         """The backbone's contextual states (N, L, d_e) of the windows whose states change the output; zeros
-        for the others. Under pick_rule="distinct" with a key encoder the states only rank a document's
+        for the others. Under pick_rule="distinct" or "spaced" with a key encoder the states only rank a document's
         tokens by salience, and a document of at most k tokens keeps every one of them whatever the ranking:
         its windows are not encoded (56% of SQuAD's paragraphs: their ingest costs the key encoder alone)."""
         needed = self._windows_needing_states(batch)  # (N,)
@@ -250,9 +250,9 @@ class Compressor(nn.Module):
 
     def _windows_needing_states(self, batch: ChunkedBatch) -> torch.Tensor:
         """(N,) bool: the windows `_backbone_states` must encode (all of them unless the states are read
-        only to rank tokens under pick_rule="distinct"; then those of documents longer than k tokens)."""
+        only to rank tokens under pick_rule="distinct" or "spaced"; then those of documents longer than k tokens)."""
         every = torch.ones(len(batch.input_ids), dtype=torch.bool, device=batch.input_ids.device)  # (N,)
-        if self.token_pool is None or self.token_pool.rule != "distinct" or self.key_encoder is None:
+        if self.token_pool is None or self.token_pool.rule not in ONE_TOKEN_RULES or self.key_encoder is None:
             return every
         long = batch.doc_tokens() > self.config.num_memory_tokens  # (B,) an overlap counted twice: long anyway
         return long[batch.doc_index]  # (N,)
@@ -293,7 +293,7 @@ class Compressor(nn.Module):
         ids = batch.input_ids.new_zeros(B, C, batch.input_ids.shape[1]).index_put(where, batch.input_ids)  # (B, C, L)
         ids = ids.view(B, -1)  # (B, C·L)
         tokens = self.backbone.get_input_embeddings()(ids).to(ctx.dtype)  # (B, C·L, d_e)
-        if self.token_pool.rule == "distinct":  # a token in two windows' overlap is still one token of the text
+        if self.token_pool.rule in ONE_TOKEN_RULES:  # a token in two windows' overlap is still one token of the text
             ctx_mask = ctx_mask & ~self._repeated_overlap(batch).view(B, -1)  # (B, C·L)
         return self.token_pool(ids, tokens, ctx, ctx_mask)  # (B, k, d_e), ids and weights (B, k, m)
 

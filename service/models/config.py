@@ -106,7 +106,10 @@ class CompressorConfig:
     at most k (spread over the k slots, repeats side by side), else the k most salient. SQuAD valid, gold
     document forced, 160 slots of which the question reads 32: the whole answer is among the stored
     slots for 90% of questions instead of 80%, among the 32 read for 64% instead of 57%
-    (bench/bench_answer_recall.py --pick-rules). No gradient reaches the pool through it."""
+    (bench/bench_answer_recall.py --pick-rules). No gradient reaches the pool through it. "spaced" (needs
+    stored_picks=1): the same slots, but those that continue a token of a text shorter than k (spread over
+    the k slots) have weight 0, so the question's slot choice collapses no token the text itself repeats:
+    under "distinct" the two look alike, and a number such as "2003" (one token a digit) was read "203"."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_memory_tokens", "memory_dim", "num_layers", "num_heads", "max_chunks")
@@ -121,13 +124,13 @@ class CompressorConfig:
                 'CompressorConfig.stored_picks needs memory_values="token_embeddings" (only a mix of token '
                 f"embeddings can be stored as picks); got memory_values={self.memory_values!r}"
             )
-        if self.pick_rule not in ("stretch", "distinct"):
+        if self.pick_rule not in ("stretch", "distinct", "spaced"):
             raise InvalidInputError(
-                f'CompressorConfig.pick_rule must be "stretch" or "distinct", got {self.pick_rule!r}'
+                f'CompressorConfig.pick_rule must be "stretch", "distinct" or "spaced", got {self.pick_rule!r}'
             )
-        if self.pick_rule == "distinct" and self.stored_picks != 1:
+        if self.pick_rule != "stretch" and self.stored_picks != 1:
             raise InvalidInputError(
-                'CompressorConfig.pick_rule="distinct" stores one token a slot: it needs stored_picks=1, '
+                f'CompressorConfig.pick_rule="{self.pick_rule}" stores one token a slot: it needs stored_picks=1, '
                 f"got stored_picks={self.stored_picks}"
             )
         _check_heads(self, self.memory_dim, self.num_heads)

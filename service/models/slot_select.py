@@ -15,10 +15,14 @@ A slot's score: the salience of the question's tokens it holds or its neighbours
 1 / (1 + distance / width) in slots (the nearest such token, or the sum over all of them: `select_pull`),
 plus `own_weight` × its own salience (a rare token near nothing
 asked is still worth more than a common one). Question tokens count only above `min_salience` (not
-"the", "what"). Slots next to each other on the same token (a text shorter than k repeats its tokens)
-count once. With several documents (top-k > 1) the best p slots among all of theirs are read, as one
-memory (newest document first, then text order): the prefix stays p positions, and a question whose best
-key match is not its document still finds the slots that hold its words. No weights are learned: the
+"the", "what"). A text shorter than k spreads its tokens over the k slots, so slots next to each other
+can hold one token of the text: they count once (read once, pulling from each). Under the "stretch" and
+"distinct" rules that is any run of one token, so a number the text writes with a repeated digit ("2003"
+is "2", "0", "0", "3" to SmolLM2) was read as "203"; under "spaced" the continuation slots say so with
+weight 0 (`spaced=True`), and a run of one token at weight 1 is the text's own, read whole.
+With several documents (top-k > 1) the best p slots among all of theirs are read, as one memory (newest
+document first, then text order): the prefix stays p positions, and a question whose best key match is
+not its document still finds the slots that hold its words. No weights are learned: the
 salience is Θ's token pool's.
 """
 
@@ -40,12 +44,14 @@ def question_tokens(token_ids: Sequence[Sequence[int]], salience: torch.Tensor, 
 
 def slot_scores(
     asked: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, salience: torch.Tensor, width: float,
-    own_weight: float, pull: str = "nearest",
+    own_weight: float, pull: str = "nearest", spaced: bool = False,
 ) -> torch.Tensor:
-    """asked (B, V), ids (B, K, k, m), weights (B, K, k, m), salience (V,) → scores (B, K, k). `pull`:
-    "nearest" = the strongest single question-token match seen from a slot, "sum" = all of them."""
+    """asked (B, V), ids (B, K, k, m), weights (B, K, k, m), salience (V,) → scores (B, K, k), -inf for a slot
+    that repeats the token before it. `pull`: "nearest" = the strongest single question-token match seen
+    from a slot, "sum" = all of them. `spaced`: CompressorConfig.pick_rule="spaced" picks (m = 1), whose
+    weight-0 slots continue the token before them."""
     B, K, k, m = ids.shape
-    held = weights.float() * salience[ids]  # (B, K, k, m) salience each pick carries
+    held = (1.0 if spaced else weights.float()) * salience[ids]  # (B, K, k, m) salience each pick carries
     hit = asked.gather(1, ids.reshape(B, -1)).view(B, K, k, m)  # (B, K, k, m) pick is a question token
     match = (held * hit).sum(-1)  # (B, K, k)
     pos = torch.arange(k, device=ids.device, dtype=torch.float32)  # (k,)
@@ -53,9 +59,12 @@ def slot_scores(
     pulls = match[..., None, :] * decay  # (B, K, k, k) each match's pull on each slot
     near = pulls.amax(-1) if pull == "nearest" else pulls.sum(-1)  # (B, K, k)
     scores = near + own_weight * held.sum(-1)  # (B, K, k)
-    top = ids[..., 0]  # (B, K, k) each slot's heaviest pick (picks are stored heaviest first)
-    repeat = torch.zeros_like(top, dtype=torch.bool)
-    repeat[..., 1:] = top[..., 1:] == top[..., :-1]  # (B, K, k) same token as the slot before
+    if spaced:
+        repeat = weights[..., 0] == 0  # (B, K, k) a continuation of the token before
+    else:
+        top = ids[..., 0]  # (B, K, k) each slot's heaviest pick (picks are stored heaviest first)
+        repeat = torch.zeros_like(top, dtype=torch.bool)
+        repeat[..., 1:] = top[..., 1:] == top[..., :-1]  # (B, K, k) same token as the slot before
     return scores.masked_fill(repeat, float("-inf"))
 
 

@@ -22,11 +22,14 @@ With m = stored_picks > 0 each slot keeps only its m heaviest picks, renormalise
 states: the memory is then exactly Σ_i w_i · E[id_i] over m (id, weight) pairs, which the bank stores
 instead of the d_e-wide vectors (codec.TokenPicks) and the service turns back into the same memory.
 
-With rule="distinct" (m = 1) the softmax only ranks: every token of the text fills at most one slot,
-in text order; all of them when the text has at most k tokens, else the k most salient. Under
+With rule="distinct" or "spaced" (m = 1) the softmax only ranks: every token of the text is held at most
+once, in text order; all of them when the text has at most k tokens, else the k most salient. Under
 "stretch" a salient token wins every slot whose stretch it dominates and a dull one (often the
 answer's "the", "of", a digit) none: on SQuAD valid 20% of the answers were not among 160 stored
-slots, 10% with distinct picks (CompressorConfig.pick_rule).
+slots, 10% with distinct picks (CompressorConfig.pick_rule). A text shorter than k is spread evenly over
+the k slots: "distinct" repeats a token in the slots that follow it (weight 1), so a reader cannot tell
+them from a token the text repeats ("2003" is "2", "0", "0", "3" to SmolLM2); "spaced" stores those
+continuation slots with weight 0 (a zero vector, never read), so a run at weight 1 is the text's own.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ONE_TOKEN_RULES = ("distinct", "spaced")
+"""Pick rules that hold each token of the text in at most one slot, one token a slot."""
 
 
 class TokenPool(nn.Module):
@@ -78,11 +84,11 @@ class TokenPool(nn.Module):
         """ids (B, T), embeddings (B, T, d_e) input-token embeddings, states (B, T, d_e) contextual states,
         mask (B, T) bool (real tokens) → memory (B, k, d_e), and with num_picks the picks it is made of:
         token ids (B, k, m) and weights (B, k, m) (a text shorter than m tokens gets zero-weight fillers)."""
-        if self.rule == "distinct":
-            where = self.distinct_positions(ids, states, mask)  # (B, k)
+        if self.rule in ONE_TOKEN_RULES:
+            where, filled = self.distinct_positions(ids, states, mask)  # (B, k) each
+            top = filled[..., None].to(embeddings.dtype)  # (B, k, 1) 1, or 0 for a continuation slot
             picked = embeddings.gather(1, where[..., None].expand(-1, -1, embeddings.shape[-1]))  # (B, k, d_e)
-            top = torch.ones(*where.shape, 1, dtype=embeddings.dtype, device=ids.device)  # (B, k, 1)
-            return picked, (ids.gather(1, where)[..., None], top)
+            return picked * top, (ids.gather(1, where)[..., None], top)
         weights = self.pick_weights(ids, states, mask)  # (B, k, T)
         if not self.num_picks:
             return weights @ embeddings + self.state_proj(weights @ states), None  # (B, k, d_e)
@@ -95,10 +101,13 @@ class TokenPool(nn.Module):
         memory = mix_picks(top, picked.view(B, k, self.num_picks, -1))  # (B, k, d_e)
         return memory, (ids.gather(1, where.view(B, -1)).view(B, k, -1), top)
 
-    def distinct_positions(self, ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids (B, T), states (B, T, d_e), mask (B, T) → the text position each slot holds (B, k) under
-        rule="distinct": the k most salient tokens (all when fewer), each once, in text order, spread evenly
-        over the k slots when the text has fewer."""
+    def distinct_positions(
+        self, ids: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, T), states (B, T, d_e), mask (B, T) → the text position each slot holds (B, k) and whether
+        it is the first slot on it (B, k) under the ONE_TOKEN_RULES: the k most salient tokens (all when
+        fewer), each once, in text order, spread evenly over the k slots when the text has fewer; "spaced"
+        marks the slots that continue a token (False), "distinct" does not (all True)."""
         k, T = self.num_slots, ids.shape[1]
         real = self.readable(ids, mask)  # (B, T)
         salience = self.salience(ids, states).masked_fill(~real, -math.inf)  # (B, T)
@@ -107,8 +116,12 @@ class TokenPool(nn.Module):
         pos = torch.arange(T, device=ids.device)  # (T,)
         in_order = torch.where(kept, pos, pos + T).argsort(dim=1)  # (B, T) kept positions first, in text order
         n = kept.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
-        slot = ((torch.arange(k, device=ids.device) + 0.5) * n / k).long()  # (B, k) which kept token
-        return in_order.gather(1, slot.clamp(max=T - 1))  # (B, k)
+        j = torch.arange(k, device=ids.device)  # (k,)
+        slot = ((j + 0.5) * n / k).long()  # (B, k) which kept token
+        filled = torch.ones_like(slot, dtype=torch.bool)  # (B, k)
+        if self.rule == "spaced":
+            filled[:, 1:] = slot[:, 1:] != slot[:, :-1]
+        return in_order.gather(1, slot.clamp(max=T - 1)), filled  # (B, k) each
 
     def salience(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """ids (B, T), states (B, T, d_e) → each token's salience (B, T): its token's learned IDF-like weight

@@ -120,17 +120,18 @@ def test_rekey_sets_how_questions_choose_their_slots_without_touching_a_weight(m
     assert torch.equal(before.compressor.compress(texts).key, new.compressor.compress(texts).key)
 
 
-def test_rekey_to_distinct_picks_keeps_every_weight_and_changes_the_compressor_version(
-    make_modules, bpe_tokenizer, paragraphs, tmp_path
+@pytest.mark.parametrize("rule", ["distinct", "spaced"])
+def test_rekey_to_one_token_a_slot_picks_keeps_every_weight_and_changes_the_compressor_version(
+    make_modules, bpe_tokenizer, paragraphs, tmp_path, rule
 ):
     llm = tiny_llama(bpe_tokenizer)
     modules = _trained_token_pool(make_modules, llm, paragraphs)
     save_checkpoint(tmp_path / "trained", modules, llm.identity)
     picks = rekey(tmp_path / "trained", tmp_path / "picks", llm, paragraphs[:50], dtype=torch.float32,
                   stored_picks=1)
-    out = rekey(picks, tmp_path / "distinct", llm, paragraphs[:50], dtype=torch.float32, pick_rule="distinct")
+    out = rekey(picks, tmp_path / rule, llm, paragraphs[:50], dtype=torch.float32, pick_rule=rule)
     (before, before_config), (new, config) = (load_checkpoint(p, llm.identity, llm.layout) for p in (picks, out))
-    assert new.config.compressor.pick_rule == "distinct"
+    assert new.config.compressor.pick_rule == rule
     # memories stored under the stretch rule hold other tokens: the service must re-index them
     assert config["compressor_version"] != before_config["compressor_version"]
     old_state, new_state = before.compressor.trainable_state_dict(), new.compressor.trainable_state_dict()
@@ -140,4 +141,4 @@ def test_rekey_to_distinct_picks_keeps_every_weight_and_changes_the_compressor_v
     text = paragraphs[0]
     slots = new.compressor.compress([text]).picks[0][0, :, 0].tolist()  # (k,)
     text_ids = iter(new.compressor.tokenize([text]).input_ids[0].tolist())
-    assert all(t in text_ids for t in slots), "distinct picks are text tokens in text order, each once"
+    assert all(t in text_ids for t in slots), f"{rule} picks are text tokens in text order, each once"

@@ -90,7 +90,8 @@ def test_reindex_moves_a_bank_of_dense_memories_to_token_picks(picks_dirs, bpe_t
         store.drop_bank()
 
 
-@pytest.fixture(scope="module", params=[(4, "stretch"), (1, "distinct")], ids=["stretch", "distinct"])
+@pytest.fixture(scope="module", params=[(4, "stretch"), (1, "distinct"), (1, "spaced")],
+                ids=["stretch", "distinct", "spaced"])
 def select_dirs(request, tmp_path_factory, bpe_tokenizer, minilm):
     picks, rule = request.param
     config = CMTConfig(

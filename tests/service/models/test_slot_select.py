@@ -45,6 +45,22 @@ def test_a_run_of_slots_on_the_same_token_counts_once():
     assert slots[0].tolist() == [0, 3, 4]
 
 
+def test_spaced_slots_read_a_number_with_a_repeated_digit_whole():
+    # "2003" is four one-digit tokens (31 = "0"); a short text spread over 12 slots: 45 and 33 cover two each
+    doc = [45, 45, 30, 31, 31, 33, 33, 10, 11, 12, 12, 13]
+    ids, weights = _one_doc(doc)
+    asked = question_tokens([[45]], SALIENCE, min_salience=2.0)
+    distinct = slot_scores(asked, ids, weights, SALIENCE, width=2.0, own_weight=0.0)
+    assert select_slots(distinct, 5)[0].tolist() == [0, 2, 3, 5, 7]  # "… 203": both runs collapse
+    weights[0, 0, [1, 6, 10], 0] = 0  # "spaced": the slots continuing 45, 33 and 12 say so
+    spaced = slot_scores(asked, ids, weights, SALIENCE, width=2.0, own_weight=0.0, spaced=True)
+    assert select_slots(spaced, 5)[0].tolist() == [0, 2, 3, 4, 5]  # "… 2003" whole
+    # every other slot scores as under "distinct": a continuation slot still pulls as its token
+    same = torch.ones(len(doc), dtype=torch.bool)
+    same[4] = False
+    torch.testing.assert_close(spaced[0, 0, same], distinct[0, 0, same])
+
+
 def test_summed_pull_prefers_the_stretch_holding_more_of_the_question_over_one_rarer_match():
     # slot 2 holds the question's rarest token (salience 9.8) alone; slots 10, 12, 14 hold three others (6.0-6.4)
     doc = [5, 6, 49, 7, 8, 9, 10, 11, 12, 13, 30, 14, 31, 15, 32, 16]

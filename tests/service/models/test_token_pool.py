@@ -72,7 +72,7 @@ def test_untrained_slots_are_the_most_salient_token_of_their_stretch_in_text_ord
 
 def distinct_compressor(path: str, k: int, **compressor) -> Compressor:
     config = dataclasses.replace(pooled_config(path).compressor, num_memory_tokens=k, stored_picks=1,
-                                 pick_rule="distinct", **compressor)
+                                 **{"pick_rule": "distinct", **compressor})
     return Compressor.from_backbone(config).eval()
 
 
@@ -145,9 +145,40 @@ def test_distinct_picks_skip_the_backbone_for_documents_of_at_most_k_tokens(llm_
     assert [t for i, t in enumerate(slots) if i == 0 or t != slots[i - 1]] == ordinary  # the rule's answer
 
 
-def test_distinct_picks_need_one_pick_a_slot():
+def test_spaced_picks_are_distinct_picks_with_the_slots_continuing_a_token_at_weight_0(llm_dir, bpe_tokenizer):
+    _, path = llm_dir
+    text = bpe_tokenizer.decode(list(range(10, 18)))  # 8 tokens spread over 12 slots
+    distinct, spaced = (distinct_compressor(path, k=12, pick_rule=rule) for rule in ("distinct", "spaced"))
+    spaced.load_state_dict(distinct.state_dict())
+    (ids_d, _), out = distinct.compress([text]).picks, spaced.compress([text])
+    ids, weights = out.picks  # (1, 12, 1) each
+    assert torch.equal(ids, ids_d)  # the same layout
+    slots = ids[0, :, 0].tolist()
+    first = [i == 0 or t != slots[i - 1] for i, t in enumerate(slots)]
+    assert weights[0, :, 0].tolist() == [1.0 if f else 0.0 for f in first]
+    assert out.memory[0, ~torch.tensor(first)].eq(0).all()  # a continuation slot holds nothing
+    torch.testing.assert_close(spaced.memory_from_picks(ids, weights), out.memory)  # what the service rebuilds
+
+
+def test_spaced_picks_keep_a_token_the_text_repeats_side_by_side_at_weight_1(llm_dir, bpe_tokenizer):
+    """SmolLM2 writes "2003" as "2", "0", "0", "3": under "distinct" a short text's spread slots repeat a
+    token side by side too, so the slot choice read "203"; "spaced" gives only the text's repeats weight 1."""
+    _, path = llm_dir
+    text = bpe_tokenizer.decode([10, 11, 12, 12, 13])
+    theta = distinct_compressor(path, k=12, pick_rule="spaced")
+    text_ids = [t for t in theta.tokenize([text]).input_ids[0].tolist() if theta.token_pool.usable[t]]
+    assert any(a == b for a, b in zip(text_ids, text_ids[1:], strict=False)), "the test text repeats a token"
+    ids, weights = theta.compress([text]).picks
+    held = [t for t, w in zip(ids[0, :, 0].tolist(), weights[0, :, 0].tolist(), strict=True) if w > 0]
+    assert held == text_ids
+
+
+@pytest.mark.parametrize("rule", ["distinct", "spaced"])
+def test_one_token_a_slot_rules_need_one_pick_a_slot(rule):
     with pytest.raises(InvalidInputError, match="stored_picks=1"):
-        CompressorConfig(memory_values="token_embeddings", stored_picks=4, pick_rule="distinct")
+        CompressorConfig(memory_values="token_embeddings", stored_picks=4, pick_rule=rule)
+    with pytest.raises(InvalidInputError, match='"stretch", "distinct" or "spaced"'):
+        CompressorConfig(memory_values="token_embeddings", stored_picks=1, pick_rule="spread")
     with pytest.raises(InvalidInputError, match="pick_rule"):
         CompressorConfig(memory_values="token_embeddings", stored_picks=1, pick_rule="rarest")
 
