@@ -318,6 +318,9 @@ class CMTConfig:
         if p > k:
             raise InvalidInputError(f"AggregatorConfig.select_slots={p} exceeds the {k} stored slots "
                                     "(CompressorConfig.num_memory_tokens)")
+        if self.compressor.pick_rule == "spaced" and not p:
+            raise InvalidInputError('CompressorConfig.pick_rule="spaced" needs AggregatorConfig.select_slots > 0: '
+                                    "its continuation slots are zero vectors, which only a slot choice skips")
         if self.aggregator.rerank_candidates and not self.compressor.key_encoder:
             raise InvalidInputError("AggregatorConfig.rerank_candidates needs CompressorConfig.key_encoder: it "
                                     "encodes the candidates' sentences")

@@ -29,7 +29,7 @@ answer's "the", "of", a digit) none: on SQuAD valid 20% of the answers were not 
 slots, 10% with distinct picks (CompressorConfig.pick_rule). A text shorter than k is spread evenly over
 the k slots: "distinct" repeats a token in the slots that follow it (weight 1), so a reader cannot tell
 them from a token the text repeats ("2003" is "2", "0", "0", "3" to SmolLM2); "spaced" stores those
-continuation slots with weight 0 (a zero vector, never read), so a run at weight 1 is the text's own.
+continuation slots with weight 0 (a zero vector the slot choice skips), so a run at weight 1 is the text's own.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def test_rekey_to_one_token_a_slot_picks_keeps_every_weight_and_changes_the_comp
     modules = _trained_token_pool(make_modules, llm, paragraphs)
     save_checkpoint(tmp_path / "trained", modules, llm.identity)
     picks = rekey(tmp_path / "trained", tmp_path / "picks", llm, paragraphs[:50], dtype=torch.float32,
-                  stored_picks=1)
+                  select={"select_slots": 4, "queries": "memories"}, stored_picks=1, num_memory_tokens=8)
     out = rekey(picks, tmp_path / rule, llm, paragraphs[:50], dtype=torch.float32, pick_rule=rule)
     (before, before_config), (new, config) = (load_checkpoint(p, llm.identity, llm.layout) for p in (picks, out))
     assert new.config.compressor.pick_rule == rule

@@ -84,6 +84,11 @@ def test_slot_selection_settings_are_checked():
         CompressorConfig(stored_picks=4)
     with pytest.raises(InvalidInputError, match="select_pull"):
         AggregatorConfig(select_pull="max")
+    spaced = CompressorConfig(memory_values="token_embeddings", num_memory_tokens=8, stored_picks=1,
+                              pick_rule="spaced")
+    with pytest.raises(InvalidInputError, match='"spaced" needs AggregatorConfig.select_slots'):
+        CMTConfig(spaced, AggregatorConfig(queries="memories"))
+    assert CMTConfig(spaced, AggregatorConfig(select_slots=4, queries="memories")).slots_read == 4
     assert CMTConfig(pooled, AggregatorConfig(select_slots=4, queries="memories")).slots_read == 4
     assert CMTConfig(pooled).slots_read == 8
 
