@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pulls", default="nearest", help="select_pull values: nearest, sum")
     parser.add_argument("--own-weights", default="", help="select_own_weight values (default: the checkpoint's)")
     parser.add_argument("--pick-rules", default="", help="CompressorConfig.pick_rule values: stretch, distinct, "
-                        "packed (distinct and spaced need --picks 1; default: the checkpoint's)")
+                        "spaced (distinct and spaced need --picks 1; default: the checkpoint's)")
     parser.add_argument("--alpha", type=float, default=0.0,
                         help="memory-aware decoding weight α (the service's default is the checkpoint's metrics.alpha)")
     parser.add_argument("--skip-checkpoint-row", action="store_true", help="no row for the checkpoint as it is")
