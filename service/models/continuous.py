@@ -111,8 +111,8 @@ class ContinuousDecoder:
         prefix = _stack(prefixes) if template is not None else None
         prefix_mask = torch.tensor(flags, device=self.llm.device) if template is not None else None
         full_mask, positions, cache = self.llm.prefill_inputs(mask, prefix, prefix_mask)
-        logits = self.llm.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (r, V)
+        logits = self.llm.model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                                logits_to_keep=1, **{self.llm.cache_arg: cache}).logits[:, -1].float()  # (r, V)
         row = 0
         for request in joined:
             request.prompt_tokens = int(mask[row].sum())

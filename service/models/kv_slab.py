@@ -71,7 +71,7 @@ class GrowingRows:
         self._mask = torch.cat([self._mask, self._mask.new_ones(self.rows, 1)], dim=1)  # (R, T+1)
         cache = KVPrefix(self._keys, self._values).to_cache(self.llm.model.config)
         logits = self.llm.model(input_ids=ids, attention_mask=self._mask, position_ids=self._next_pos[:, None],
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                                use_cache=True, logits_to_keep=1, **{self.llm.cache_arg: cache}).logits[:, -1].float()
         self._keys = [layer.keys for layer in cache.layers]  # (R, H_kv, T+1, hd)
         self._values = [layer.values for layer in cache.layers]
         self._next_pos = self._next_pos + 1
@@ -223,7 +223,7 @@ class KVSlab:
         valid = self._valid[:bucket, None, None, :]  # (R_b, 1, 1, T_cap)
         mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, torch.finfo(dtype).min)
         out = self.llm.model(input_ids=self._ids[:bucket], attention_mask=mask, position_ids=self._pos[:bucket],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self.llm.cache_arg: cache})
         return out.logits[:, -1].float()
 
     def _run(self, bucket: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from service.errors import InvalidInputError
 from service.models.fingerprint import fingerprint
 from service.models.llm_source import resolve_llm
-from service.models.prefix import KVLayout, KVPrefix
+from service.models.prefix import KVLayout, KVPrefix, cache_keyword
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,8 @@ class HFCausalLM:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         tokenizer.padding_side = "left"
         self.layout = KVLayout.from_config(model.config)
+        self.cache_arg = cache_keyword(model)
+        """The keyword model.forward takes a KV cache by (prefix.cache_keyword: it was renamed in transformers 5.2x)."""
         self.identity = LLMIdentity(
             name_or_path=name_or_path or getattr(model.config, "_name_or_path", "") or "unnamed",
             model_type=model.config.model_type,
@@ -190,7 +192,8 @@ class HFCausalLM:
         """Logits (B, n, V) of the prompt tokens; gradients flow into the prefix (training)."""
         full_mask, positions, cache = self.prefill_inputs(attention_mask, prefix, prefix_mask)
         out = self.model(
-            input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+            **{self.cache_arg: cache},
         )
         return out.logits
 
@@ -201,7 +204,8 @@ class HFCausalLM:
         cache = DynamicCache(config=self.model.config)
         positions = torch.arange(p, device=self.device).expand(B, p)  # (B, p)
         self.model.base_model(
-            inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, past_key_values=cache, use_cache=True
+            inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, use_cache=True,
+            **{cache_keyword(self.model.base_model): cache},
         )
         return KVPrefix.from_cache(cache)
 
@@ -261,8 +265,8 @@ class HFCausalLM:
         step_ids = input_ids
         for _ in range(config.max_new_tokens):
             logits = self.model(  # logits of the last position only: the prompt's others would cost B'·n·V
-                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1,
+                input_ids=step_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{self.cache_arg: cache},
             ).logits[:, -1].float()  # (B', V)
             if two_pass:
                 logits = (1 + config.alpha) * logits[:B] - config.alpha * logits[B:]  # (B, V)

@@ -9,6 +9,7 @@ for a row exactly); keys in the cache count as already rotated; prompt positions
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from service.errors import InvalidInputError
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a HF model's forward takes its KV cache by: `cache` in recent transformers, where
+    `past_key_values` is a deprecated alias due to go in 5.40 (and warns on every process's first use);
+    `past_key_values` in older ones (5.17, the GPU machine's). Passing the cache by the wrong name would not fail
+    loudly everywhere, so every forward that carries a cache asks this once."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import torch
+from transformers import DynamicCache
 
 from service.models.llm import GenerationConfig, HFCausalLM
 from service.models.prefix import KVPrefix
@@ -16,8 +20,9 @@ QUESTIONS = [
 
 def own_kv(llm: HFCausalLM, context: torch.Tensor) -> KVPrefix:
     """The LLM's KV cache of `context` (B, p) as a detached prefix."""
+    cache = DynamicCache(config=llm.model.config)
     with torch.no_grad():
-        cache = llm.model(input_ids=context, use_cache=True).past_key_values
+        llm.model(input_ids=context, use_cache=True, **{llm.cache_arg: cache})
     prefix = KVPrefix.from_cache(cache)
     return KVPrefix([k.clone() for k in prefix.keys], [v.clone() for v in prefix.values])
 
@@ -123,3 +128,17 @@ def test_the_hf_backend_implements_the_serving_interface(llm):
     from service.models.llm import LLMBackend
 
     assert isinstance(llm, LLMBackend), "the engine and CMTPipeline are typed against LLMBackend"
+
+
+def test_every_forward_passes_the_cache_by_the_installed_transformers_own_name(llm):
+    """transformers renamed forward's `past_key_values` to `cache`; the old name is a deprecated alias (a
+    FutureWarning, and gone in 5.40). Prefill, memory-aware decoding and the embeddings prefix must not use it."""
+    assert llm.cache_arg in inspect.signature(llm.model.forward).parameters
+    prefix = own_kv(llm, contexts(llm, len(QUESTIONS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        answers = llm.generate(QUESTIONS, prefix, config=GenerationConfig(max_new_tokens=3, alpha=0.5))
+        embeddings = llm.model.get_input_embeddings()(contexts(llm, 1))  # (1, p, d)
+        from_embeddings = llm.prefix_from_embeddings(embeddings)
+    assert len(answers) == len(QUESTIONS)
+    assert from_embeddings.keys[0].shape[2] == embeddings.shape[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from service.errors import CheckpointMismatchError, InvalidInputError
 from service.models.llm import GenerationConfig, HFCausalLM
@@ -47,8 +48,10 @@ def random_prefix(hf: HFCausalLM, B: int, p: int, seed: int) -> KVPrefix:
     """The LLM's own K/V of random tokens: a prefix the model reacts to (post-RoPE, as `past_key_values`)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, len(hf.tokenizer), (B, p), generator=g)  # (B, p)
+    cache = DynamicCache(config=hf.model.config)
     with torch.no_grad():
-        prefix = KVPrefix.from_cache(hf.model(input_ids=ids, use_cache=True).past_key_values)
+        hf.model(input_ids=ids, use_cache=True, **{hf.cache_arg: cache})
+    prefix = KVPrefix.from_cache(cache)
     return KVPrefix([k.clone() for k in prefix.keys], [v.clone() for v in prefix.values])
 
 
