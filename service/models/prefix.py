@@ -23,8 +23,8 @@ from service.errors import InvalidInputError
 def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword a HF model's forward takes its KV cache by: `cache` in recent transformers, where
     `past_key_values` is a deprecated alias due to go in 5.40 (and warns on every process's first use);
-    `past_key_values` in older ones (5.17, the GPU machine's). Passing the cache by the wrong name would not fail
-    loudly everywhere, so every forward that carries a cache asks this once."""
+    `past_key_values` in older ones (the pins allow 5.17, the GPU machine's). Every forward that carries a cache
+    passes it by this name, so neither version's deprecation nor its removal changes what the model reads."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
