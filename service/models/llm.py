@@ -122,6 +122,7 @@ class HFCausalLM:
         self.layout = KVLayout.from_config(model.config)
         self.cache_arg = cache_keyword(model)
         """The keyword model.forward takes a KV cache by (prefix.cache_keyword: it was renamed in transformers 5.2x)."""
+        self._base_cache_arg = cache_keyword(model.base_model)  # read once: prefix_from_embeddings runs per question
         self.identity = LLMIdentity(
             name_or_path=name_or_path or getattr(model.config, "_name_or_path", "") or "unnamed",
             model_type=model.config.model_type,
@@ -205,7 +206,7 @@ class HFCausalLM:
         positions = torch.arange(p, device=self.device).expand(B, p)  # (B, p)
         self.model.base_model(
             inputs_embeds=embeddings.to(self.model.dtype), position_ids=positions, use_cache=True,
-            **{cache_keyword(self.model.base_model): cache},
+            **{self._base_cache_arg: cache},
         )
         return KVPrefix.from_cache(cache)
 
