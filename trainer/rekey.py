@@ -59,7 +59,8 @@ def rekey(source: Path, target: Path, llm: HFCausalLM, texts: list[str], dtype: 
           select: dict[str, object] | None = None, alpha: float | None = None, **fields: object) -> Path:
     """Write `source` to `target` with the compressor fields `fields` (key_encoder, key_dim,
     lexical_key_weight, stored_picks, num_memory_tokens and pick_rule of a token pool...), ψ's slot-selection fields
-    `select` (select_slots, select_pull, select_own_weight, select_width and the rerank_* fields: no weights)
+    `select` (select_slots, select_pull, select_own_weight, select_width, select_case_forms and the rerank_*
+    fields: no weights)
     and the default α changed,
     the lexical key's IDF fitted on `texts`, every other weight unchanged (the token pool's trained salience
     included)."""
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-own-weight", type=float,
                         help="AggregatorConfig.select_own_weight (default: the source's)")
     parser.add_argument("--select-width", type=float, help="AggregatorConfig.select_width (default: the source's)")
+    parser.add_argument("--select-case-forms", type=int, choices=[0, 1],
+                        help="AggregatorConfig.select_case_forms, 1 = on (default: the source's)")
     parser.add_argument("--rerank-candidates", type=int,
                         help="AggregatorConfig.rerank_candidates (0 = off; default: the source's)")
     parser.add_argument("--rerank-sentence-weight", type=float,
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = {name: value for name, value in given.items() if value is not None}
     select = {"select_slots": args.select_slots, "select_pull": args.select_pull,
               "select_own_weight": args.select_own_weight, "select_width": args.select_width,
+              "select_case_forms": None if args.select_case_forms is None else bool(args.select_case_forms),
               "rerank_candidates": args.rerank_candidates, "rerank_sentence_weight": args.rerank_sentence_weight,
               "rerank_sentence_candidates": args.rerank_sentence_candidates,
               "rerank_lexical_weight": args.rerank_lexical_weight}

@@ -32,7 +32,7 @@ from service.models.llm import Generation, GenerationConfig, LLMBackend
 from service.models.prefix import KVLayout, KVPrefix
 from service.models.prompts import PromptProfile, get_profile
 from service.models.sentence_rerank import Reranker
-from service.models.slot_select import question_tokens, read_slots, select_slots, slot_scores
+from service.models.slot_select import question_token_ids, question_tokens, read_slots, select_slots, slot_scores
 
 
 class CMTModules(nn.Module):
@@ -93,7 +93,7 @@ class CMTModules(nn.Module):
         if not a.select_slots:
             return None
         salience = self.compressor.token_pool.token_salience.detach()  # (V,)
-        token_ids = self.compressor.tokenizer(list(questions), add_special_tokens=False, verbose=False)["input_ids"]
+        token_ids = question_token_ids(self.compressor.tokenizer, questions, a.select_case_forms)
         asked = question_tokens(token_ids, salience, a.select_min_salience)  # (B, V)
         scores = slot_scores(asked, ids.to(salience.device), weights.to(salience.device), salience, a.select_width,
                              a.select_own_weight, a.select_pull,

@@ -196,6 +196,10 @@ class AggregatorConfig:
     """select_slots: weight of a slot's own salience next to its nearness to the question's tokens."""
     select_min_salience: float = 2.0
     """select_slots: question tokens below this salience (Θ's token pool, IDF-like) are not looked for."""
+    select_case_forms: bool = False
+    """select_slots: look for the question's words also in the other case forms a text writes them in (each
+    word Capitalised, all lower case), not only as typed: the LLM's tokens are case-sensitive, so a question
+    typed in lower case ("who designed new earswick") otherwise misses the slots holding "New Earswick"."""
     select_pull: str = "nearest"
     """select_slots: how the question tokens a document holds pull on a slot: "nearest" = the strongest single
     one, decayed by its distance; "sum" = all of them, each decayed, so a stretch holding many of the
@@ -226,6 +230,9 @@ class AggregatorConfig:
         if not (self.select_width > 0 and self.select_own_weight >= 0 and math.isfinite(self.select_min_salience)):
             raise InvalidInputError("AggregatorConfig.select_width must be > 0, select_own_weight >= 0 and "
                                     "select_min_salience finite")
+        if not isinstance(self.select_case_forms, bool):
+            raise InvalidInputError(
+                f"AggregatorConfig.select_case_forms must be true or false, got {self.select_case_forms!r}")
         if self.select_pull not in ("nearest", "sum"):
             raise InvalidInputError(
                 f'AggregatorConfig.select_pull must be "nearest" or "sum", got {self.select_pull!r}')

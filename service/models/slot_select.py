@@ -15,11 +15,12 @@ A slot's score: the salience of the question's tokens it holds or its neighbours
 1 / (1 + distance / width) in slots (the nearest such token, or the sum over all of them: `select_pull`),
 plus `own_weight` × its own salience (a rare token near nothing
 asked is still worth more than a common one). Question tokens count only above `min_salience` (not
-"the", "what"). A text shorter than k spreads its tokens over the k slots, so slots next to each other
-can hold one token of the text: they count once (read once, pulling from each). Under the "stretch" and
-"distinct" rules that is any run of one token, so a number the text writes with a repeated digit ("2003"
-is "2", "0", "0", "3" to SmolLM2) was read as "203"; under "spaced" the continuation slots say so with
-weight 0 (`spaced=True`), and a run of one token at weight 1 is the text's own, read whole.
+"the", "what"), and with `select_case_forms` in the case forms a text may write them in as well as typed
+(a question in lower case finds "New Earswick"). A text shorter than k spreads its tokens over the k slots, so
+slots next to each other can hold one token of the text: they count once (read once, pulling from each).
+Under the "stretch" and "distinct" rules that is any run of one token, so a number the text writes with a
+repeated digit ("2003" is "2", "0", "0", "3" to SmolLM2) was read as "203"; under "spaced" the continuation
+slots say so with weight 0 (`spaced=True`), and a run of one token at weight 1 is the text's own, read whole.
 With several documents (top-k > 1) the best p slots among all of theirs are read, as one memory (newest
 document first, then text order): the prefix stays p positions, and a question whose best key match is
 not its document still finds the slots that hold its words. No weights are learned: the
@@ -28,9 +29,36 @@ salience is Θ's token pool's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
+
+_WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]")
+"""A letter not preceded by a letter: the first letter of each word ("new earswick" → "New Earswick")."""
+
+
+def case_forms(question: str) -> list[str]:
+    """The question as typed, each of its words Capitalised, and all in lower case (AggregatorConfig.
+    select_case_forms): the forms a text may write its words in, tokenised apart because a case-sensitive
+    tokenizer splits "earswick" and "Earswick" differently."""
+    capitalised = _WORD_START.sub(lambda m: m.group(0).upper(), question)
+    return list(dict.fromkeys([question, capitalised, question.lower()]))  # without repeats, typed first
+
+
+def question_token_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], case_forms_too: bool
+                       ) -> list[list[int]]:
+    """Each question's token ids, with those of its other case forms (`case_forms`) when case_forms_too."""
+    if not case_forms_too:
+        return tokenizer(list(questions), add_special_tokens=False, verbose=False)["input_ids"]
+    forms = [case_forms(q) for q in questions]
+    ids = tokenizer([f for fs in forms for f in fs], add_special_tokens=False, verbose=False)["input_ids"]
+    out, start = [], 0
+    for fs in forms:
+        out.append([t for row in ids[start : start + len(fs)] for t in row])
+        start += len(fs)
+    return out
 
 
 def question_tokens(token_ids: Sequence[Sequence[int]], salience: torch.Tensor, min_salience: float) -> torch.Tensor:

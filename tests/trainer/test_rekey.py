@@ -108,10 +108,11 @@ def test_rekey_sets_how_questions_choose_their_slots_without_touching_a_weight(m
     picks = rekey(tmp_path / "trained", tmp_path / "picks", llm, paragraphs[:50], dtype=torch.float32,
                   select={"select_slots": 4, "queries": "memories"}, stored_picks=2, num_memory_tokens=8)
     out = rekey(picks, tmp_path / "sum", llm, [], dtype=torch.float32,
-                select={"select_pull": "sum", "select_own_weight": 0.0}, alpha=0.5)  # ψ's reading, α: no IDF
+                select={"select_pull": "sum", "select_own_weight": 0.0, "select_case_forms": True},
+                alpha=0.5)  # ψ's reading, α: no IDF
     (before, before_config), (new, config) = (load_checkpoint(p, llm.identity, llm.layout) for p in (picks, out))
     a = new.config.aggregator
-    assert (a.select_slots, a.select_pull, a.select_own_weight) == (4, "sum", 0.0)
+    assert (a.select_slots, a.select_pull, a.select_own_weight, a.select_case_forms) == (4, "sum", 0.0, True)
     assert config["metrics"]["alpha"] == 0.5  # the service's default memory-aware decoding weight
     # Θ unchanged byte for byte: the memories stored under the checkpoint before stay valid
     assert config["compressor_version"] == before_config["compressor_version"]

@@ -7,7 +7,14 @@ import torch
 
 from service.errors import InvalidInputError
 from service.models.config import AggregatorConfig, CMTConfig, CompressorConfig
-from service.models.slot_select import question_tokens, read_slots, select_slots, slot_scores
+from service.models.slot_select import (
+    case_forms,
+    question_token_ids,
+    question_tokens,
+    read_slots,
+    select_slots,
+    slot_scores,
+)
 
 V = 50
 SALIENCE = torch.linspace(0.0, 9.8, V)  # token t has salience 0.2·t: low ids are "the", "what"
@@ -105,3 +112,35 @@ def test_with_several_documents_the_best_slots_among_all_of_them_are_read_as_one
     memories = torch.arange(2 * 6, dtype=torch.float32).view(1, 2, 6, 1).expand(-1, -1, -1, 4)  # (1, 2, 6, 4)
     chosen, mask = read_slots(memories, torch.tensor([[True, True]]), slots)
     assert chosen.shape == (1, 1, 3, 4) and chosen[0, 0, :, 0].tolist() == [7.0, 8.0, 9.0] and mask.tolist() == [[True]]
+
+
+def test_case_forms_are_the_question_as_typed_capitalised_and_in_lower_case_without_repeats():
+    assert case_forms("who designed new earswick?") == ["who designed new earswick?", "Who Designed New Earswick?"]
+    assert case_forms("Is O'Neil in 2003 X-ray?") == [
+        "Is O'Neil in 2003 X-ray?", "Is O'Neil In 2003 X-Ray?", "is o'neil in 2003 x-ray?"]
+    assert case_forms("Élan école") == ["Élan école", "Élan École", "élan école"]
+
+
+def test_a_question_typed_in_lower_case_reads_the_slots_of_the_capitalised_name(bpe_tokenizer):
+    before, name, after = "The garden city was planned in the north by", " Raymond Unwin", ", an architect of York."
+    doc = bpe_tokenizer(before + name + after, add_special_tokens=False)["input_ids"]
+    named = len(bpe_tokenizer(before, add_special_tokens=False)["input_ids"])
+    span = list(range(named, named + len(bpe_tokenizer(name, add_special_tokens=False)["input_ids"])))
+    assert bpe_tokenizer(before + name, add_special_tokens=False)["input_ids"][named:] == [doc[j] for j in span]
+    ids, weights = _one_doc(doc)
+    salience = torch.full((len(bpe_tokenizer),), 5.0)  # every token worth looking for
+    question = ["who was raymond unwin"]
+    chosen = {}
+    for forms in (False, True):
+        asked = question_tokens(question_token_ids(bpe_tokenizer, question, forms), salience, min_salience=2.0)
+        assert bool(asked[0, [doc[j] for j in span]].all()) is forms  # the name's tokens as the text writes them
+        scores = slot_scores(asked, ids, weights, salience, width=1.0, own_weight=0.0, pull="sum")
+        chosen[forms] = select_slots(scores, len(span))[0].tolist()
+    assert chosen[True] == span
+    assert chosen[False] != span
+
+
+def test_case_forms_are_off_unless_the_config_asks_and_must_be_a_boolean():
+    assert AggregatorConfig().select_case_forms is False
+    with pytest.raises(InvalidInputError, match="select_case_forms"):
+        AggregatorConfig(select_case_forms="yes")
