@@ -197,9 +197,9 @@ class AggregatorConfig:
     select_min_salience: float = 2.0
     """select_slots: question tokens below this salience (Θ's token pool, IDF-like) are not looked for."""
     select_case_forms: bool = False
-    """select_slots: look for the question's words also in the other case forms a text writes them in (each
-    word Capitalised, all lower case), not only as typed: the LLM's tokens are case-sensitive, so a question
-    typed in lower case ("who designed new earswick") otherwise misses the slots holding "New Earswick"."""
+    """select_slots: a question typed without capitals looks for its words Capitalised too, not only as typed:
+    the LLM's tokens are case-sensitive, so "who designed new earswick" otherwise misses the slots holding
+    "New Earswick". A question with a capital is read as typed (its writer cased it)."""
     select_pull: str = "nearest"
     """select_slots: how the question tokens a document holds pull on a slot: "nearest" = the strongest single
     one, decayed by its distance; "sum" = all of them, each decayed, so a stretch holding many of the

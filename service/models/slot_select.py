@@ -15,8 +15,8 @@ A slot's score: the salience of the question's tokens it holds or its neighbours
 1 / (1 + distance / width) in slots (the nearest such token, or the sum over all of them: `select_pull`),
 plus `own_weight` × its own salience (a rare token near nothing
 asked is still worth more than a common one). Question tokens count only above `min_salience` (not
-"the", "what"), and with `select_case_forms` in the case forms a text may write them in as well as typed
-(a question in lower case finds "New Earswick"). A text shorter than k spreads its tokens over the k slots, so
+"the", "what"), and with `select_case_forms` a question typed without capitals looks for its words
+Capitalised too (it finds "New Earswick"). A text shorter than k spreads its tokens over the k slots, so
 slots next to each other can hold one token of the text: they count once (read once, pulling from each).
 Under the "stretch" and "distinct" rules that is any run of one token, so a number the text writes with a
 repeated digit ("2003" is "2", "0", "0", "3" to SmolLM2) was read as "203"; under "spaced" the continuation
@@ -40,11 +40,13 @@ _WORD_START = re.compile(r"(?<![^\W\d_])[^\W\d_]")
 
 
 def case_forms(question: str) -> list[str]:
-    """The question as typed, each of its words Capitalised, and all in lower case (AggregatorConfig.
-    select_case_forms): the forms a text may write its words in, tokenised apart because a case-sensitive
-    tokenizer splits "earswick" and "Earswick" differently."""
+    """AggregatorConfig.select_case_forms: a question typed without capitals as typed and with each of its words
+    Capitalised, tokenised apart because a case-sensitive tokenizer splits "earswick" and "Earswick" differently;
+    a question with a capital as typed only (its writer cased it: the forms cost SQuAD's cased questions answers)."""
+    if question != question.lower():
+        return [question]
     capitalised = _WORD_START.sub(lambda m: m.group(0).upper(), question)
-    return list(dict.fromkeys([question, capitalised, question.lower()]))  # without repeats, typed first
+    return list(dict.fromkeys([question, capitalised]))  # one form when nothing can be capitalised
 
 
 def question_token_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], case_forms_too: bool
