@@ -52,15 +52,9 @@ def case_forms(question: str) -> list[str]:
 def question_token_ids(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], case_forms_too: bool
                        ) -> list[list[int]]:
     """Each question's token ids, with those of its other case forms (`case_forms`) when case_forms_too."""
-    if not case_forms_too:
-        return tokenizer(list(questions), add_special_tokens=False, verbose=False)["input_ids"]
-    forms = [case_forms(q) for q in questions]
-    ids = tokenizer([f for fs in forms for f in fs], add_special_tokens=False, verbose=False)["input_ids"]
-    out, start = [], 0
-    for fs in forms:
-        out.append([t for row in ids[start : start + len(fs)] for t in row])
-        start += len(fs)
-    return out
+    forms = [case_forms(q) if case_forms_too else [q] for q in questions]
+    ids = iter(tokenizer([f for fs in forms for f in fs], add_special_tokens=False, verbose=False)["input_ids"])
+    return [[t for _ in fs for t in next(ids)] for fs in forms]
 
 
 def question_tokens(token_ids: Sequence[Sequence[int]], salience: torch.Tensor, min_salience: float) -> torch.Tensor:
