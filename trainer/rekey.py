@@ -42,10 +42,15 @@ def idf_texts(source: str) -> list[str]:
 def carry_trained_weights(source: CMTModules, target: CMTModules, skip: tuple[str, ...] = ()) -> None:
     """Load source's trained Θ (less the `skip` prefixes), ψ and π into target, built with other settings;
     raises if target has a trained Θ weight that source cannot fill. A token pool has no per-slot weights,
-    so its (unused) soft tokens are carried only when k stays: the same pool stores any number of slots."""
-    if source.compressor.token_pool is not None and source.compressor.soft_tokens.shape != \
-            target.compressor.soft_tokens.shape:
+    so its (unused) soft tokens are carried only when k stays: the same pool stores any number of slots. When k
+    changes they become zeros, not a fresh random draw, so the same source and settings give the same file and
+    the same compressor version (the shipped checkpoint's were drawn before this; see its README)."""
+    resized = source.compressor.token_pool is not None and \
+        source.compressor.soft_tokens.shape != target.compressor.soft_tokens.shape
+    if resized:
         skip += ("soft_tokens",)  # (k, d_m)
+        with torch.no_grad():
+            target.compressor.soft_tokens.zero_()  # (k', d_m)
     kept = {n: t for n, t in source.compressor.trainable_state_dict().items() if not n.startswith(skip)}
     missing, _ = target.compressor.load_state_dict(kept, strict=False)
     untrained = [n for n in missing if n in target.compressor.trainable_state_dict() and not n.startswith(skip)]

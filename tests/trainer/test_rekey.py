@@ -143,3 +143,23 @@ def test_rekey_to_one_token_a_slot_picks_keeps_every_weight_and_changes_the_comp
     slots = new.compressor.compress([text]).picks[0][0, :, 0].tolist()  # (k,)
     text_ids = iter(new.compressor.tokenize([text]).input_ids[0].tolist())
     assert all(t in text_ids for t in slots), f"{rule} picks are text tokens in text order, each once"
+
+
+def test_rekey_to_more_stored_slots_gives_the_same_file_twice(make_modules, bpe_tokenizer, paragraphs, tmp_path):
+    # A token pool's soft tokens are unused, but they are in Θ's file and so in its compressor version: a random
+    # draw for the new slots made every re-keying a new version (memories to re-index) and the file irreproducible.
+    llm = tiny_llama(bpe_tokenizer)
+    modules = _trained_token_pool(make_modules, llm, paragraphs)
+    save_checkpoint(tmp_path / "trained", modules, llm.identity)
+    settings = {"select": {"select_slots": 4, "queries": "memories"}, "stored_picks": 1, "num_memory_tokens": 8}
+    first, second = (rekey(tmp_path / "trained", tmp_path / name, llm, paragraphs[:50], dtype=torch.float32,
+                           **settings) for name in ("first", "second"))
+    (a, a_config), (b, b_config) = (load_checkpoint(p, llm.identity, llm.layout) for p in (first, second))
+    assert a_config["compressor_version"] == b_config["compressor_version"]
+    assert (first / "compressor.safetensors").read_bytes() == (second / "compressor.safetensors").read_bytes()
+    assert not a.compressor.soft_tokens.any(), "the resized, unused soft tokens are zeros"
+    texts = paragraphs[:3]
+    with torch.no_grad():  # ...and unused indeed: the memory does not move when they do
+        b.compressor.soft_tokens.normal_()
+    assert torch.equal(a.compressor.compress(texts).picks[0], b.compressor.compress(texts).picks[0])
+    assert torch.equal(a.compressor.compress(texts).memory, b.compressor.compress(texts).memory)
